@@ -82,27 +82,25 @@ def export_to(notebook: Path, package_dir: Path) -> dict[str, str]:
         }
 
 
-def export_notebook(notebook: str | Path, package_dir: str | Path | None = None) -> list[Path]:
-    """Write the `#| export` cells of `notebook` into the package; return the files written.
+def export_notebook(notebook: str | Path, package_dir: str | Path | None = None) -> None:
+    """Write the `#| export` cells of `notebook` into the package, and print what was written.
 
     The package is the `nanopali/` folder beside the notebook's folder, unless given."""
     notebook = Path(notebook).resolve()
     if not notebook.is_file():
         raise FileNotFoundError(f"{notebook}: no such notebook")
     package_dir = Path(package_dir) if package_dir else notebook.parent.parent / "nanopali"
-    written = []
     for name, source in export_to(notebook, package_dir).items():
         target = package_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(source, encoding="utf-8")
-        written.append(target)
         print(f"{notebook.parent.name}/{notebook.name} -> {package_dir.name}/{name}")
-    return written
 
 
-def export_all(notebooks_dir: Path = NOTEBOOKS, package_dir: Path = PACKAGE) -> list[Path]:
+def export_all(notebooks_dir: Path = NOTEBOOKS, package_dir: Path = PACKAGE) -> None:
     "Re-export every lesson notebook."
-    return [f for nb in lesson_notebooks(notebooks_dir) for f in export_notebook(nb, package_dir)]
+    for nb in lesson_notebooks(notebooks_dir):
+        export_notebook(nb, package_dir)
 
 
 def check(notebooks_dir: Path = NOTEBOOKS, package_dir: Path = PACKAGE) -> list[str]:
