@@ -1,0 +1,27 @@
+"""The README's two quick-start commands: CI runs the test one verbatim, and the demo one works."""
+
+import re
+
+from conftest import REPO
+
+
+def quick_start_commands():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [c.strip() for c in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_quick_start_has_a_demo_and_a_test_command():
+    commands = quick_start_commands()
+    assert commands[0].endswith("python -m nanopali --image images/chelsea.png")
+    assert commands[1].endswith("python -m pytest")
+    assert all(c.startswith("python3 -m venv .venv && ") for c in commands[:2])
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert quick_start_commands()[1] in ci
+
+
+def test_demo_image_exists():
+    assert (REPO / "images" / "chelsea.png").is_file()
