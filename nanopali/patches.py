@@ -69,6 +69,7 @@ def preprocess_image(
     resized = to_rgb(image).resize((width, height), resample=resample)  # PIL takes (width, height)
     x = np.asarray(resized, dtype=np.float32) * np.float32(rescale_factor)  # (H, W, 3) in [0, 1]
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    # permute only changes how the array is indexed; contiguous() lays the memory out in the new order
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()  # (3, H, W)
 
 
