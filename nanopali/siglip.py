@@ -59,7 +59,7 @@ class SiglipMLP(nn.Module):
 
     def __init__(self, config: SiglipVisionConfig):
         super().__init__()
-        if config.hidden_act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        if config.hidden_act != "gelu_pytorch_tanh":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported: SigLIP uses 'gelu_pytorch_tanh'")
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)

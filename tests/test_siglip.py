@@ -161,5 +161,5 @@ def test_real_tower_state_dict_matches_reference_names_and_shapes():
 
 
 def test_unsupported_activation_is_refused():
-    with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
+    with pytest.raises(ValueError, match="hidden_act .relu. is not supported"):
         SiglipVisionModel(SiglipVisionConfig.tiny(hidden_act="relu"))
