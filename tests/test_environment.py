@@ -3,8 +3,9 @@
 import sys
 
 import yaml
-from conftest import REPO
 from packaging.requirements import Requirement
+
+from conftest import REPO
 
 if sys.version_info >= (3, 11):
     import tomllib

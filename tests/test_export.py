@@ -7,9 +7,10 @@ import subprocess
 import tarfile
 
 import pytest
-from conftest import NOTEBOOKS, REPO, run_python
 
 from nanopali.export import PACKAGE, check, export_all, lesson_notebooks
+
+from conftest import NOTEBOOKS, REPO, run_python
 
 LESSON_01 = "01_patch_embeddings.ipynb"
 

@@ -1,10 +1,11 @@
 """Bad input: each gives one clear error naming the file and the problem."""
 
 import pytest
-from conftest import IMAGES, run_python
 from PIL import Image
 
 from nanopali.patches import ImageFileError, load_image, preprocess_image
+
+from conftest import IMAGES, run_python
 
 
 @pytest.fixture

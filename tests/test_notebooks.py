@@ -6,9 +6,10 @@ import json
 import shutil
 
 import pytest
-from conftest import IMAGES, NOTEBOOKS, REPO, run_python
 
 from nanopali.export import lesson_notebooks
+
+from conftest import IMAGES, NOTEBOOKS, REPO, run_python
 
 LESSONS = lesson_notebooks(NOTEBOOKS)
 

@@ -6,7 +6,6 @@ SiglipVisionEmbeddings with the same weights, float32, atol 1e-5."""
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGES
 from PIL import Image
 
 from nanopali.patches import (
@@ -17,6 +16,8 @@ from nanopali.patches import (
     preprocess_images,
     to_rgb,
 )
+
+from conftest import IMAGES
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.siglip import modeling_siglip  # noqa: E402

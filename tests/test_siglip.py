@@ -13,10 +13,11 @@ our error against float32 to be no larger than the reference's own bfloat16 erro
 
 import pytest
 import torch
-from conftest import IMAGES
 
 from nanopali.patches import SiglipVisionConfig, preprocess_images
 from nanopali.siglip import SiglipAttention, SiglipVisionModel, eager_attention
+
+from conftest import IMAGES
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.siglip import modeling_siglip  # noqa: E402
