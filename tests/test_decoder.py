@@ -1,0 +1,135 @@
+"""Lesson 05 against the reference: transformers' Gemma modules with the same weights, float32, atol 1e-5.
+
+On a multi-query config (4 query heads, 1 key/value head) and a grouped-query one
+(4 query heads, 2 key/value heads), under a prefix-LM mask with padding."""
+
+import pytest
+import torch
+
+from nanopali.bridge import prefix_lm_mask
+from nanopali.decoder import GemmaAttention, GemmaConfig, GemmaDecoderLayer, GemmaMLP, GemmaRMSNorm, repeat_kv
+from nanopali.rope import GemmaRotaryEmbedding
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.gemma import modeling_gemma  # noqa: E402
+
+ATOL = 1e-5
+CONFIGS = {"multi-query": GemmaConfig.tiny(), "grouped-query": GemmaConfig.tiny(num_key_value_heads=2)}
+
+
+def reference_config(cfg: GemmaConfig, attn_implementation="eager"):
+    return transformers.GemmaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation=attn_implementation)
+
+
+def randomise(module):
+    "Non-trivial weights everywhere, norms included (a fresh RMSNorm weight is all zeros)."
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.2 * torch.randn_like(p))
+    return module.eval()
+
+
+def inputs(cfg):
+    "Two sequences, the first left-padded by 3, prefix of 7 then suffix, with RoPE tables and the mask."
+    torch.manual_seed(1)
+    x = torch.randn(2, 12, cfg.hidden_size)
+    attention_mask = torch.ones(2, 12, dtype=torch.long)
+    attention_mask[0, :3] = 0
+    types = torch.zeros(2, 12, dtype=torch.long)
+    types[:, 7:] = 1
+    positions = torch.arange(12)[None].expand(2, 12)
+    cos, sin = GemmaRotaryEmbedding(cfg.head_dim, cfg.rope_theta)(x, positions)
+    return x, cos, sin, prefix_lm_mask(types, attention_mask)
+
+
+def additive(mask):
+    "The reference takes a float mask added to the scores: 0 where allowed, the lowest float where not."
+    return torch.where(mask, 0.0, torch.finfo(torch.float32).min)[:, None]
+
+
+def test_rmsnorm_equals_reference():
+    ours, ref = randomise(GemmaRMSNorm(64)), modeling_gemma.GemmaRMSNorm(64)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = 5 * torch.randn(3, 7, 64)
+    torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=0)
+    xb = x.bfloat16()
+    assert torch.equal(ours(xb), ref(xb))  # float32 inside, the same rounding at the end
+
+
+def test_mlp_equals_reference():
+    cfg = GemmaConfig.tiny()
+    ours = randomise(GemmaMLP(cfg))
+    ref = modeling_gemma.GemmaMLP(reference_config(cfg)).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 5, cfg.hidden_size)
+    torch.testing.assert_close(ours(x), ref(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("path", ["explicit", "sdpa"])
+def test_attention_equals_reference(name, path):
+    cfg = CONFIGS[name]
+    ours = randomise(GemmaAttention(cfg))
+    ref = modeling_gemma.GemmaAttention(reference_config(cfg, "eager" if path == "explicit" else "sdpa"), 0).eval()
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x, cos, sin, mask = inputs(cfg)
+    with torch.no_grad():
+        expected, expected_weights = ref(x, position_embeddings=(cos, sin), attention_mask=additive(mask))
+        got, weights = ours(x, cos, sin, mask, return_attention=path == "explicit")
+    real = mask.any(-1)  # every query row sees something, so every output is defined
+    assert real.all()
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    if path == "explicit":
+        torch.testing.assert_close(weights, expected_weights, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("path", ["explicit", "sdpa"])
+def test_decoder_layer_equals_reference(name, path):
+    cfg = CONFIGS[name]
+    ours = randomise(GemmaDecoderLayer(cfg))
+    ref = modeling_gemma.GemmaDecoderLayer(reference_config(cfg, "eager" if path == "explicit" else "sdpa"), 0)
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    ref.eval()
+    x, cos, sin, mask = inputs(cfg)
+    with torch.no_grad():
+        expected = ref(x, attention_mask=additive(mask), position_embeddings=(cos, sin))
+        got, _ = ours(x, cos, sin, mask, return_attention=path == "explicit")
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+def test_repeat_kv_equals_reference():
+    x = torch.randn(2, 3, 5, 8)
+    assert torch.equal(repeat_kv(x, 4), modeling_gemma.repeat_kv(x, 4))
+    assert repeat_kv(x, 1) is x
+
+
+def test_real_layer_parameter_count_and_names():
+    cfg = GemmaConfig.paligemma_3b()
+    with torch.device("meta"):
+        ours = GemmaDecoderLayer(cfg)
+        ref = modeling_gemma.GemmaDecoderLayer(reference_config(cfg), 0)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert 18 * sum(p.numel() for p in ours.parameters()) == 1_981_882_368
+
+
+def test_defaults_are_the_reference_defaults():
+    ref, ours = transformers.GemmaConfig(), GemmaConfig()
+    for field in ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act",
+                  "attention_bias", "pad_token_id", "eos_token_id", "bos_token_id"]:
+        assert getattr(ours, field) == getattr(ref, field), field
+    assert ours.rope_theta == ref.rope_parameters["rope_theta"]
+
+
+def test_config_refuses_heads_that_do_not_group():
+    with pytest.raises(ValueError, match="not a multiple of num_key_value_heads 3"):
+        GemmaConfig.tiny(num_key_value_heads=3)
+    with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
+        GemmaMLP(GemmaConfig.tiny(hidden_act="relu"))
