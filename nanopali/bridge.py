@@ -82,9 +82,11 @@ class PaliGemmaProcessor:
 
     def encode(self, prefix: str, suffix: str | None = None) -> tuple[list[int], list[int]]:
         "Token ids and token types of one example: <image> x N, <bos>, prefix, \\n [, suffix, <eos>]."
-        if IMAGE_TOKEN in prefix or (suffix is not None and IMAGE_TOKEN in suffix):
-            raise ValueError(f"the text {prefix if IMAGE_TOKEN in prefix else suffix!r} contains {IMAGE_TOKEN!r}, "
-                             "which is reserved for image slots (the processor inserts them itself): remove it")
+        for text in [prefix] if suffix is None else [prefix, suffix]:
+            typed = [t for t in SPECIAL_TOKENS + [IMAGE_TOKEN] if t in text]
+            if typed:
+                raise ValueError(f"the text {text!r} contains {typed[0]!r}, a special token the processor places "
+                                 "itself (image slots, <bos>, <eos>, padding): remove it from the text")
         ids = [self.image_token_id] * self.num_image_tokens + [self.bos_id]
         ids += self.tokenizer.encode(prefix + "\n", add_special_tokens=False).ids  # "\n" joins the string
         types = [0] * len(ids)
@@ -111,14 +113,15 @@ class PaliGemmaProcessor:
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
         length = max(len(ids) for ids, _ in examples)
-        batch = {"input_ids": [], "attention_mask": [], "token_type_ids": []}
-        for ids, types in examples:
-            pad = length - len(ids)
-            rows = {"input_ids": (ids, self.pad_id), "attention_mask": ([1] * len(ids), 0),
-                    "token_type_ids": (types, 0)}
-            for key, (row, fill) in rows.items():
-                batch[key].append([fill] * pad + row if side == "left" else row + [fill] * pad)
-        out = {key: torch.tensor(rows, dtype=torch.long) for key, rows in batch.items()}
+
+        def pad(row, value):  # one row, padded to the longest on the chosen side
+            padding = [value] * (length - len(row))
+            return padding + row if side == "left" else row + padding
+
+        out = {"input_ids": [pad(ids, self.pad_id) for ids, _ in examples],
+               "attention_mask": [pad([1] * len(ids), 0) for ids, _ in examples],
+               "token_type_ids": [pad(types, 0) for _, types in examples]}
+        out = {key: torch.tensor(rows, dtype=torch.long) for key, rows in out.items()}
         if suffixes is not None:  # learn the suffix only: -100 is ignored by the loss
             out["labels"] = out["input_ids"].masked_fill(out["token_type_ids"] == 0, -100)
         out["pixel_values"] = preprocess_images(images, **self.image_settings)
@@ -161,7 +164,8 @@ def merge_image_features(text_embeds: torch.Tensor, image_features: torch.Tensor
                          image_token_id: int) -> torch.Tensor:
     """Put image_features (B, N, D) in place of the <image> positions of text_embeds (B, L, D).
 
-    Each example must have exactly N <image> ids. Returns a new tensor; text_embeds is unchanged."""
+    text_embeds are the language model's embeddings of input_ids, already scaled as it scales them; the image
+    features go in as they are. Each example must have exactly N <image> ids. Returns a new tensor."""
     B, N, D = image_features.shape
     is_image = input_ids == image_token_id  # (B, L)
     per_example = is_image.sum(dim=1)

@@ -210,10 +210,14 @@ def test_merge_refuses_mismatched_counts(folder):
         merge_image_features(text, torch.zeros(3, 16, 8), batch["input_ids"], processor.image_token_id)
 
 
-@pytest.mark.parametrize("prompt, suffix", [("caption en <image>", None), ("caption en", "a <image> cat")])
-def test_image_token_typed_in_text_is_refused(folder, prompt, suffix):
+@pytest.mark.parametrize("prompt, suffix, token", [("caption en <image>", None, "<image>"),
+                                                   ("caption en", "a <image> cat", "<image>"),
+                                                   ("caption en", "a cat<eos> and more", "<eos>"),
+                                                   ("<bos>caption en", None, "<bos>"),
+                                                   ("caption en", "<pad>", "<pad>")])
+def test_special_tokens_typed_in_text_are_refused(folder, prompt, suffix, token):
     processor = PaliGemmaProcessor.from_folder(folder)
-    with pytest.raises(ValueError, match="reserved for image slots"):
+    with pytest.raises(ValueError, match=f"contains '{token}', a special token the processor places itself"):
         processor(photos(1), [prompt], suffixes=None if suffix is None else [suffix])
 
 
