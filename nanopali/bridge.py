@@ -178,12 +178,16 @@ def merge_image_features(text_embeds: torch.Tensor, image_features: torch.Tensor
     return merged
 
 
-def prefix_lm_mask(token_type_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean mask (B, L, L), True where query i may attend to key j: j <= i or j is in the prefix
-    (token type 0), and j is not padding (attention_mask 1)."""
+def prefix_lm_mask(token_type_ids: torch.Tensor, attention_mask: torch.Tensor, num_queries: int | None = None):
+    """Boolean mask (B, Q, L), True where query i may attend to key j: (j <= i or j is in the prefix, token type 0)
+    and j is not padding (attention_mask 1); and every token sees itself. token_type_ids and attention_mask (B, L)
+    cover the whole sequence; the queries are its last Q = num_queries tokens (all of them by default)."""
     L = token_type_ids.shape[1]
-    position = torch.arange(L, device=token_type_ids.device)
-    causal = position[None, :] <= position[:, None]  # (L, L): key j at or before query i
+    Q = L if num_queries is None else num_queries
+    key_position = torch.arange(L, device=token_type_ids.device)
+    query_position = key_position[L - Q:]
+    causal = key_position[None, :] <= query_position[:, None]  # (Q, L): key j at or before query i
+    itself = key_position[None, :] == query_position[:, None]  # (Q, L): the query's own position
     prefix_key = (token_type_ids == 0)[:, None, :]  # (B, 1, L): key j is in the prefix
     real_key = attention_mask.bool()[:, None, :]  # (B, 1, L): key j is not padding
-    return (causal[None] | prefix_key) & real_key  # (B, L, L)
+    return ((causal[None] | prefix_key) & real_key) | itself[None]  # (B, Q, L)

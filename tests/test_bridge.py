@@ -167,7 +167,7 @@ def brute_force_mask(types, attention):
     for b in range(B):
         for i in range(L):
             for j in range(L):
-                out[b, i, j] = (j <= i or types[b, j] == 0) and attention[b, j] == 1
+                out[b, i, j] = ((j <= i or types[b, j] == 0) and attention[b, j] == 1) or i == j
     return out
 
 
@@ -177,6 +177,17 @@ def test_prefix_lm_mask_follows_the_rule(folder, side):
     mask = prefix_lm_mask(batch["token_type_ids"], batch["attention_mask"])
     assert torch.equal(mask, brute_force_mask(batch["token_type_ids"], batch["attention_mask"]))
     assert mask.any(-1).all(), "every row attends to something"
+    for q in (1, 3):
+        assert torch.equal(prefix_lm_mask(batch["token_type_ids"], batch["attention_mask"], num_queries=q),
+                           mask[:, -q:])
+
+
+def test_a_causal_left_padded_row_never_has_an_empty_mask_row():
+    types = torch.ones(1, 5, dtype=torch.long)  # all suffix: plain causal attention
+    attention = torch.tensor([[0, 0, 1, 1, 1]])
+    mask = prefix_lm_mask(types, attention)[0]
+    assert mask[0].tolist() == [True, False, False, False, False]  # padding sees only itself
+    assert mask[4].tolist() == [False, False, True, True, True]
 
 
 def test_prefix_lm_mask_is_bidirectional_on_the_prefix_and_causal_on_the_suffix():
