@@ -1,0 +1,191 @@
+"""Lesson 06 against the reference: transformers' GemmaForCausalLM with the same weights.
+
+Logits equal to 1e-5 in float32 (multi-query and grouped-query, with left padding),
+greedy generation token for token equal to its generate(), cached decoding equal to
+full recomputation, and the sampling rules."""
+
+import pytest
+import torch
+
+from nanopali.decoder import GemmaConfig
+from nanopali.gemma import GemmaForCausalLM, KVCache, generate_tokens, sample_next_token
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-5
+CONFIGS = {"multi-query": GemmaConfig.tiny(), "grouped-query": GemmaConfig.tiny(num_key_value_heads=2)}
+
+
+def reference_config(cfg: GemmaConfig, attn_implementation="eager"):
+    return transformers.GemmaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation=attn_implementation)
+
+
+def twin(cfg, attn_implementation="eager", std=0.3):
+    "Ours and the reference with the same random weights, large enough that outputs vary with the input."
+    torch.manual_seed(0)
+    ours = GemmaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.copy_(std * torch.randn_like(p))
+    ref = transformers.GemmaForCausalLM(reference_config(cfg, attn_implementation)).eval()
+    state = dict(ours.state_dict())
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # the reference's tied head
+    ref.load_state_dict(state, strict=True)
+    return ours, ref
+
+
+def padded_prompts():
+    input_ids = torch.tensor([[2, 300, 301, 302, 303, 304, 305], [0, 0, 0, 2, 310, 311, 312]])
+    attention_mask = (input_ids != 0).long()
+    return input_ids, attention_mask
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_logits_equal_reference(name, attn_implementation):
+    ours, ref = twin(CONFIGS[name], attn_implementation)
+    input_ids, attention_mask = padded_prompts()
+    with torch.no_grad():
+        expected = ref(input_ids=input_ids, attention_mask=attention_mask).logits
+        got = ours(input_ids, attention_mask=attention_mask)
+        got_explicit, _ = ours(input_ids, attention_mask=attention_mask, return_attention=True)
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got_explicit[real], expected[real], atol=ATOL, rtol=0)
+    assert torch.isfinite(got).all(), "padding rows must not produce NaN"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_generation_equals_reference_generate(name):
+    ours, ref = twin(CONFIGS[name])
+    input_ids, attention_mask = padded_prompts()
+    expected = ref.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+                            pad_token_id=0, eos_token_id=1)[:, input_ids.shape[1]:]
+    got = generate_tokens(ours, ours.model.embed(input_ids), attention_mask, max_new_tokens=12)
+    assert len(set(got.flatten().tolist())) > 4, "the weights should not make every token the same"
+    assert got.tolist() == expected[:, :got.shape[1]].tolist()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_cached_decoding_equals_full_recompute_at_every_step(name, dtype, atol):
+    """In float64 the two agree to rounding (1e-10): the cache changes nothing. In float32 one token against the
+    cache sums in another order than the full sequence does, which shows at ~2e-5 on logits of size ~10."""
+    ours, _ = twin(CONFIGS[name])
+    ours = ours.to(dtype)
+    input_ids, attention_mask = padded_prompts()
+    types = torch.zeros_like(input_ids)  # a prefix-LM prompt, as PaliGemma's
+    extra = torch.tensor([[400, 401, 402, 403], [410, 411, 412, 413]])
+    full_ids = torch.cat([input_ids, extra], 1)
+    full_mask = torch.cat([attention_mask, torch.ones_like(extra)], 1)
+    full_types = torch.cat([types, torch.ones_like(extra)], 1)
+    with torch.no_grad():
+        full = ours(full_ids, attention_mask=full_mask, token_type_ids=full_types)
+        cache = KVCache(ours.config, 2, full_ids.shape[1], dtype=dtype)
+        L = input_ids.shape[1]
+        steps = [ours(input_ids, attention_mask=attention_mask, token_type_ids=types, kv_cache=cache)]
+        for t in range(4):
+            steps.append(ours(extra[:, t:t + 1], attention_mask=full_mask[:, :L + t + 1],
+                              token_type_ids=full_types[:, :L + t + 1], kv_cache=cache))
+    real = full_mask.bool()
+    torch.testing.assert_close(torch.cat(steps, 1)[real], full[real], atol=atol, rtol=0)
+
+
+def test_generation_with_and_without_cache_is_the_same():
+    ours, _ = twin(CONFIGS["grouped-query"])
+    input_ids, attention_mask = padded_prompts()
+    embeds = ours.model.embed(input_ids)
+    with_cache = generate_tokens(ours, embeds, attention_mask, max_new_tokens=10)
+    without = generate_tokens(ours, embeds, attention_mask, max_new_tokens=10, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows():
+    ours, _ = twin(CONFIGS["multi-query"])
+    with torch.no_grad():  # make <eos> (id 1) the best next token after token 305 only
+        ours.model.embed_tokens.weight[1] = 0
+    input_ids, attention_mask = padded_prompts()
+    got = generate_tokens(ours, ours.model.embed(input_ids), attention_mask, max_new_tokens=6)
+    for row in got.tolist():
+        if 1 in row:
+            assert all(t == 0 for t in row[row.index(1) + 1:])
+
+
+def test_seeded_sampling_is_reproducible():
+    ours, _ = twin(CONFIGS["multi-query"])
+    input_ids, attention_mask = padded_prompts()
+    embeds = ours.model.embed(input_ids)
+    runs = [generate_tokens(ours, embeds, attention_mask, max_new_tokens=8, do_sample=True, temperature=1.5,
+                            seed=seed) for seed in (3, 3, 4)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_top_k_1_is_greedy():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample_next_token(logits, True, top_k=1), logits.argmax(-1))
+    ours, _ = twin(CONFIGS["multi-query"])
+    input_ids, attention_mask = padded_prompts()
+    embeds = ours.model.embed(input_ids)
+    assert torch.equal(generate_tokens(ours, embeds, attention_mask, max_new_tokens=6, do_sample=True, top_k=1, seed=0),
+                       generate_tokens(ours, embeds, attention_mask, max_new_tokens=6))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])
+    logits = probs.log()
+    generator = torch.Generator().manual_seed(0)
+    cases = [(0.5, {0}), (0.6, {0, 1}), (0.75, {0, 1}), (0.76, {0, 1, 2}), (0.9, {0, 1, 2}), (1.0, set(range(5)))]
+    for p, kept in cases:
+        draws = {sample_next_token(logits, True, top_p=p, generator=generator).item() for _ in range(400)}
+        assert draws == kept, (p, draws)
+
+
+def test_top_k_keeps_only_the_k_best():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = {sample_next_token(logits, True, top_k=2, generator=generator).item() for _ in range(300)}
+    assert draws == {1, 2}
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
+    ({"do_sample": True, "temperature": -1.0}, "temperature must be > 0"),
+    ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ({"do_sample": True, "top_p": 1.2}, r"top_p must be in \(0, 1\]"),
+    ({"do_sample": True, "top_k": 0}, "top_k must be at least 1"),
+    ({"max_new_tokens": 510}, "the model's context is 512 tokens"),
+])
+def test_bad_settings_are_refused(settings, message):
+    ours, _ = twin(CONFIGS["multi-query"])
+    input_ids, attention_mask = padded_prompts()
+    with pytest.raises(ValueError, match=message):
+        generate_tokens(ours, ours.model.embed(input_ids), attention_mask, **settings)
+
+
+def test_prompt_longer_than_the_context_is_refused():
+    ours, _ = twin(CONFIGS["multi-query"])
+    long = torch.full((1, 513), 300)
+    with pytest.raises(ValueError, match="the prompt has 513 tokens"):
+        generate_tokens(ours, ours.model.embed(long), max_new_tokens=1)
+
+
+def test_a_full_cache_says_so():
+    ours, _ = twin(CONFIGS["multi-query"])
+    cache = KVCache(ours.config, 1, 4)
+    with pytest.raises(ValueError, match="holds 4 tokens and is full"):
+        ours(torch.tensor([[2, 300, 301, 302, 303]]), kv_cache=cache)
+
+
+def test_real_text_model_shapes():
+    with torch.device("meta"):
+        model = GemmaForCausalLM(GemmaConfig.paligemma_3b())
+        logits = model(torch.zeros(1, 266, dtype=torch.long), last_only=True)
+    assert logits.shape == (1, 1, 257216)
+    assert sum(p.numel() for p in model.parameters()) == 526_778_368 + 1_981_882_368 + 2048
