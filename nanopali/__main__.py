@@ -45,8 +45,6 @@ def random_tower(config, seed: int = 0):
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=generator)
-        # to_empty leaves buffers uninitialised too: position_ids must be 0, 1, ..., N-1 again
-        tower.embeddings.position_ids.copy_(torch.arange(config.num_patches)[None])
     return tower
 
 

@@ -147,7 +147,6 @@ class SiglipVisionEmbeddings(nn.Module):
                                          kernel_size=config.patch_size, stride=config.patch_size)
         # one learned vector per grid position (see 1.6)
         self.position_embedding = nn.Embedding(config.num_patches, config.hidden_size)
-        self.register_buffer("position_ids", torch.arange(config.num_patches)[None], persistent=False)  # (1, N)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         c = self.config
@@ -158,4 +157,5 @@ class SiglipVisionEmbeddings(nn.Module):
         weight = self.patch_embedding.weight
         x = self.patch_embedding(pixel_values.to(weight.dtype))  # (B, D, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches row by row
-        return x + self.position_embedding(self.position_ids)  # (B, N, D)
+        positions = torch.arange(c.num_patches, device=x.device)  # 0, 1, ..., N-1
+        return x + self.position_embedding(positions)  # (N, D) broadcast over the batch: (B, N, D)
