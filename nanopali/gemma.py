@@ -63,10 +63,13 @@ class GemmaForCausalLM(nn.Module):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.model.embed(input_ids)
+        B, L, _ = inputs_embeds.shape
+        cached = 0 if kv_cache is None else len(kv_cache)
         if attention_mask is None:
-            cached = 0 if kv_cache is None else len(kv_cache)
-            attention_mask = torch.ones(inputs_embeds.shape[0], cached + inputs_embeds.shape[1], dtype=torch.long,
-                                        device=inputs_embeds.device)
+            attention_mask = torch.ones(B, cached + L, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (B, cached + L):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but {cached} tokens are cached "
+                             f"and {L} are new: it must cover the whole sequence, ({B}, {cached + L})")
         hidden, weights = self.model(inputs_embeds, attention_mask, token_type_ids, kv_cache, return_attention)
         if last_only:
             hidden = hidden[:, -1:]  # (B, 1, D): the only position whose prediction generation needs
@@ -91,6 +94,8 @@ class KVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         "Store the new keys and values (B, kv_heads, L, head_dim); return all of this layer's, old and new."
         start, end = self.lengths[layer_idx], self.lengths[layer_idx] + k.shape[2]
+        if k.shape[0] != self.keys[layer_idx].shape[0]:
+            raise ValueError(f"the KV cache was made for a batch of {self.keys[layer_idx].shape[0]}, got {k.shape[0]}")
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} tokens and is full: make it larger")
         self.keys[layer_idx][:, :, start:end] = k
@@ -103,7 +108,7 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p
     "Refuse settings that would silently do something else."
     if not do_sample:
         return
-    if temperature <= 0:
+    if not temperature > 0:  # also refuses NaN
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (for greedy use do_sample=False)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
@@ -113,7 +118,11 @@ def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p
 
 def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
                       top_k: int | None = None, top_p: float | None = None, generator=None) -> torch.Tensor:
-    "logits (B, vocab) -> one token id per row (B,): greedy, or sampled with temperature, top-k and top-p."
+    """logits (B, vocab) -> one token id per row (B,): greedy, or sampled. When sampling, the temperature divides the
+    logits first, then top-k, then top-p filter them."""
+    if logits.ndim != 2:
+        raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}: for the model's "
+                         "(B, L, vocab) output pass logits[:, -1]")
     check_sampling(do_sample, temperature, top_k, top_p)
     if not do_sample:
         return logits.argmax(dim=-1)
@@ -140,6 +149,11 @@ def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attent
     after a row's <eos>. attention_mask and token_type_ids (B, L) default to no padding and all causal."""
     config = model.config
     B, L, _ = inputs_embeds.shape
+    if L == 0:
+        raise ValueError("the prompt is empty: give at least one token (PaliGemma's prompts start with <bos>)")
+    if attention_mask is not None and not attention_mask[:, -1].all():
+        raise ValueError("the prompts must be padded on the left: each row's last token is where its answer starts "
+                         "(use padding_side='left')")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if L + max_new_tokens > config.max_position_embeddings:

@@ -189,3 +189,33 @@ def test_real_text_model_shapes():
         logits = model(torch.zeros(1, 266, dtype=torch.long), last_only=True)
     assert logits.shape == (1, 1, 257216)
     assert sum(p.numel() for p in model.parameters()) == 526_778_368 + 1_981_882_368 + 2048
+
+
+def test_a_mask_that_does_not_cover_the_cached_tokens_is_refused():
+    ours, _ = twin(CONFIGS["multi-query"])
+    cache = KVCache(ours.config, 1, 8)
+    ours(torch.tensor([[2, 300, 301]]), kv_cache=cache)
+    with pytest.raises(ValueError, match=r"3 tokens are cached and 1 are new: it must cover the whole sequence"):
+        ours(torch.tensor([[302]]), attention_mask=torch.ones(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_right_padded_prompts_and_empty_prompts_are_refused():
+    ours, _ = twin(CONFIGS["multi-query"])
+    embeds = ours.model.embed(torch.tensor([[2, 300, 301, 0]]))
+    with pytest.raises(ValueError, match="padded on the left"):
+        generate_tokens(ours, embeds, torch.tensor([[1, 1, 1, 0]]))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        generate_tokens(ours, embeds[:, :0])
+
+
+def test_sampling_refuses_nan_temperature_and_wrong_logit_shapes():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_next_token(torch.zeros(1, 5), True, temperature=float("nan"))
+    with pytest.raises(ValueError, match=r"logits must have shape \(batch, vocab\), got \(2, 1, 5\)"):
+        sample_next_token(torch.zeros(2, 1, 5))
+
+
+def test_a_cache_made_for_another_batch_size_says_so():
+    ours, _ = twin(CONFIGS["multi-query"])
+    with pytest.raises(ValueError, match="made for a batch of 1, got 2"):
+        ours(torch.tensor([[2, 300], [2, 301]]), kv_cache=KVCache(ours.config, 1, 8))
