@@ -10,7 +10,7 @@ from torch import nn
 
 def rope_inverse_frequencies(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
     "Rotation speed of each of the head_dim // 2 pairs, 1 / theta^(2i / head_dim), in float32 (radians per token)."
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # 2i / d
+    exponents = torch.arange(0, head_dim, 2).float() / head_dim  # 2i / d, for i = 0 .. d/2 - 1
     return 1.0 / (theta**exponents)  # (head_dim // 2,)
 
 
