@@ -1,0 +1,301 @@
+"""Lesson 07 against the reference: transformers' PaliGemmaForConditionalGeneration, end to end.
+
+Tiny random PaliGemmas made by transformers are saved in the three tensor-name layouts
+found in the wild (one of them sharded); nanopali.load must give the same logits
+(float32, 1e-5) and nanopali.generate the same greedy answers as the reference."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import nanopali
+from nanopali.bridge import build_tokenizer
+from nanopali.paligemma import (
+    PALIGEMMA_3B_PT_224_CONFIG,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    canonical_name,
+    load,
+    save,
+)
+from nanopali.patches import ImageFileError
+
+from conftest import IMAGES
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["caption en", "answer en what color is the circle?", "detect circle ; square", "a red circle", "yes",
+         "no", "blue", "answer en is there a cat?", "the cat is on the sofa"] * 10
+PROMPTS = ["caption en", "answer en what color is the circle on the left?"]
+IMAGE_FILES = [IMAGES / "chelsea.png", IMAGES / "rocket.jpg"]
+TEXT_CONFIGS = {"multi-query": {"num_key_value_heads": 1}, "grouped-query": {"num_key_value_heads": 2}}
+
+
+def reference_model(tokenizer, kv_heads, large_weights=False, attn_implementation="eager"):
+    """A tiny random PaliGemma. The reference's own initialisation (std 0.02) for logit comparisons; large weights
+    (std 0.3) for generation, so that greedy answers vary with the input. Large weights also amplify rounding:
+    the float32 islands both implementations share (softmax, RMSNorm, RoPE angles) then differ by ~1e-5 after a few
+    layers even in float64, so logits are compared at 1e-5 on the realistic initialisation only."""
+    vocab = tokenizer.get_vocab_size()
+    config = transformers.PaliGemmaConfig(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, patch_size=14, image_size=56, vision_use_head=False),
+        text_config=dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=16, vocab_size=vocab),
+        image_token_index=tokenizer.token_to_id("<image>"), projection_dim=64, hidden_size=64, vocab_size=vocab)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(0)
+    model = transformers.PaliGemmaForConditionalGeneration(config).eval()
+    if large_weights:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name != "lm_head.weight":
+                    p.normal_(0.0, 0.3)
+        model.tie_weights()
+    return model
+
+
+def write_folder(folder, reference, tokenizer, layout):
+    "The reference model's weights under one of the published layouts, plus tokenizer and image settings."
+    reference.save_pretrained(folder)  # transformers 5: vision_tower.*, language_model.model.*
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False, "padding_side": "left"}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_seq_length": 16, "size": {"height": 56, "width": 56}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+        "rescale_factor": 1 / 255, "resample": 3, "processor_class": "PaliGemmaProcessor"}))
+    if layout == "transformers 5":
+        return folder
+    tensors = load_file(str(folder / "model.safetensors"))
+    os.remove(folder / "model.safetensors")
+    if layout == "hub, sharded":
+        renamed = {k.replace("vision_tower.", "vision_tower.vision_model.", 1): v for k, v in tensors.items()}
+        names = sorted(renamed)
+        shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+                  "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+        for file, keys in shards.items():
+            save_file({k: renamed[k] for k in keys}, str(folder / file), metadata={"format": "pt"})
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}))
+    elif layout == "transformers >= 4.52 in memory":
+        renamed = {("model." + k).replace("model.language_model.model.", "model.language_model."): v
+                   for k, v in tensors.items()}
+        renamed["lm_head.weight"] = renamed["model.language_model.embed_tokens.weight"].clone()
+        save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(TEXTS, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer):
+    return {name: reference_model(tokenizer, settings["num_key_value_heads"])
+            for name, settings in TEXT_CONFIGS.items()}
+
+
+@pytest.fixture(scope="module")
+def reference_large(tokenizer):
+    return {name: reference_model(tokenizer, settings["num_key_value_heads"], large_weights=True)
+            for name, settings in TEXT_CONFIGS.items()}
+
+
+LAYOUTS = ["transformers 5", "hub, sharded", "transformers >= 4.52 in memory"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("text", list(TEXT_CONFIGS))
+def test_loaded_logits_equal_reference(tmp_path, tokenizer, reference, layout, text):
+    folder = write_folder(tmp_path, reference[text], tokenizer, layout)
+    model, processor = nanopali.load(folder, dtype="float32")
+    inputs = processor([Image.open(f) for f in IMAGE_FILES], PROMPTS)
+    assert (inputs["attention_mask"] == 0).any(), "prompts of different lengths"
+    with torch.no_grad():
+        got = model(**inputs)
+        expected = reference[text](**inputs).logits
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("text", list(TEXT_CONFIGS))
+def test_greedy_answers_equal_reference_generate(tmp_path, tokenizer, reference_large, text):
+    folder = write_folder(tmp_path, reference_large[text], tokenizer, "hub, sharded")
+    model, processor = nanopali.load(folder, dtype="float32")
+    images = [Image.open(f) for f in IMAGE_FILES]
+    got = nanopali.generate(model, processor, images, PROMPTS, max_new_tokens=10)
+
+    inputs = processor(images, PROMPTS)
+    out = reference_large[text].generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=1)
+    expected = [processor.decode(row) for row in out[:, inputs["input_ids"].shape[1]:]]
+    assert got == expected
+    assert got[0] != got[1] and all(len(answer) > 5 for answer in got), "the answers should vary"
+
+
+def test_a_folder_written_by_save_is_read_by_transformers(tmp_path, tokenizer):
+    config = PaliGemmaConfig.from_dict({"vision_config": {"hidden_size": 32, "intermediate_size": 64,
+                                                          "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                          "patch_size": 14, "image_size": 56},
+                                        "text_config": {"hidden_size": 64, "intermediate_size": 128,
+                                                        "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                        "num_key_value_heads": 1, "head_dim": 16,
+                                                        "vocab_size": tokenizer.get_vocab_size()},
+                                        "projection_dim": 64, "image_token_index": tokenizer.token_to_id("<image>")})
+    torch.manual_seed(0)
+    ours = PaliGemmaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0.0, 0.02)
+    processor = nanopali.paligemma.PaliGemmaProcessor(tokenizer, num_image_tokens=16, image_size=(56, 56))
+    save(ours, processor, tmp_path)
+    ref = transformers.PaliGemmaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    inputs = processor([Image.open(f) for f in IMAGE_FILES], PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs)[inputs["attention_mask"].bool()],
+                                   ref(**inputs).logits[inputs["attention_mask"].bool()], atol=1e-5, rtol=0)
+    again, _ = load(tmp_path, dtype="float32")
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), ours.state_dict().values()))
+
+
+def test_real_3b_model_has_the_hubs_names_and_shapes():
+    config = PaliGemmaConfig.from_dict(PALIGEMMA_3B_PT_224_CONFIG)
+    with torch.device("meta"):
+        ours = PaliGemmaForConditionalGeneration(config)
+        ref = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(**PALIGEMMA_3B_PT_224_CONFIG))
+    ours_shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    ref_shapes = {canonical_name(k): v.shape for k, v in ref.state_dict().items()}
+    assert ref_shapes.pop("lm_head.weight") == ours_shapes["language_model.model.embed_tokens.weight"]
+    assert ours_shapes == ref_shapes
+    assert sum(p.numel() for p in ours.parameters()) == 2_923_466_480
+    # the hub's own names (the old layout) map onto ours too
+    assert canonical_name("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight") in ours_shapes
+    assert canonical_name("language_model.model.layers.0.self_attn.q_proj.weight") in ours_shapes
+    assert canonical_name("multi_modal_projector.linear.weight") in ours_shapes
+
+
+def test_terse_config_takes_the_reference_defaults():
+    config = PaliGemmaConfig.from_dict(PALIGEMMA_3B_PT_224_CONFIG)
+    ref = transformers.PaliGemmaConfig(**PALIGEMMA_3B_PT_224_CONFIG)
+    assert config.text.head_dim == ref.text_config.head_dim == 256
+    assert config.text.rms_norm_eps == ref.text_config.rms_norm_eps
+    assert config.text.rope_theta == ref.text_config.rope_parameters["rope_theta"] == 10000.0
+    assert config.vision.image_size == ref.vision_config.image_size == 224
+    assert config.vision.layer_norm_eps == ref.vision_config.layer_norm_eps
+    assert config.vision.intermediate_size == 4304 and config.image_token_index == 257152
+    for size, tokens in [(448, 1024), (896, 4096)]:
+        bigger = json.loads(json.dumps(PALIGEMMA_3B_PT_224_CONFIG))
+        bigger["vision_config"]["image_size"] = size
+        assert PaliGemmaConfig.from_dict(bigger).vision.num_patches == tokens
+
+
+def snapshot(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+@pytest.fixture
+def good_folder(tmp_path, tokenizer, reference):
+    return write_folder(tmp_path / "model", reference["multi-query"], tokenizer, "hub, sharded")
+
+
+def test_missing_folder_says_how_to_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder. Download a PaliGemma checkpoint"):
+        load(tmp_path / "paligemma-3b-pt-224")
+
+
+def test_missing_weights_are_reported(good_folder):
+    for f in good_folder.glob("model*.safetensors*"):
+        f.unlink()
+    before = snapshot(good_folder)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
+        load(good_folder)
+    assert snapshot(good_folder) == before
+
+
+def test_missing_shard_is_named(good_folder):
+    (good_folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors, which is missing"):
+        load(good_folder)
+
+
+def test_truncated_shard_is_reported(good_folder):
+    shard = good_folder / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    before = snapshot(good_folder)
+    with pytest.raises(ValueError, match="model-00001-of-00002.safetensors: not a readable safetensors file"):
+        load(good_folder)
+    assert snapshot(good_folder) == before
+
+
+def test_corrupt_file_is_reported(good_folder):
+    (good_folder / "model-00002-of-00002.safetensors").write_bytes(b"this is not a safetensors file at all" * 10)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load(good_folder)
+
+
+def test_config_that_does_not_match_the_tensors_names_them(good_folder):
+    config = json.loads((good_folder / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96
+    (good_folder / "config.json").write_text(json.dumps(config))
+    before = snapshot(good_folder)
+    with pytest.raises(ValueError, match=r"6 with the wrong shape: .*mlp.down_proj.weight: \(64, 128\) in the file, "
+                                         r"\(64, 96\) in the model"):
+        load(good_folder)
+    assert snapshot(good_folder) == before
+
+
+def test_unexpected_tensors_are_named(good_folder):
+    "A SigLIP pooling head, which PaliGemma does not have, must not be silently dropped."
+    index = json.loads((good_folder / "model.safetensors.index.json").read_text())
+    shard = good_folder / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    tensors["vision_tower.vision_model.head.probe"] = torch.zeros(1, 1, 32)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index["weight_map"]["vision_tower.vision_model.head.probe"] = shard.name
+    (good_folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"1 unexpected: vision_tower.vision_model.head.probe"):
+        load(good_folder)
+
+
+def test_untied_head_is_refused(tmp_path, tokenizer, reference):
+    folder = write_folder(tmp_path, reference["multi-query"], tokenizer, "transformers >= 4.52 in memory")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="untied head is not supported"):
+        load(folder)
+
+
+def test_paligemma_2_is_refused_clearly(good_folder):
+    config = json.loads((good_folder / "config.json").read_text())
+    config["text_config"]["model_type"] = "gemma2"
+    (good_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'gemma2' is not supported"):
+        load(good_folder)
+
+
+def test_float16_on_cpu_and_unavailable_devices_are_refused(good_folder):
+    with pytest.raises(ValueError, match="float16 on the CPU is refused"):
+        load(good_folder, device="cpu", dtype=torch.float16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda' is not available on this machine"):
+            load(good_folder, device="cuda")
+
+
+def test_bfloat16_is_the_default_and_nothing_is_float32(good_folder):
+    model, _ = load(good_folder, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_an_image_that_cannot_be_read_is_reported(good_folder, tmp_path):
+    model, processor = load(good_folder, dtype="float32")
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    with pytest.raises(ImageFileError, match="notes.png: not an image file"):
+        nanopali.generate(model, processor, [bad], ["caption en"])
