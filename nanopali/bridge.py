@@ -62,6 +62,17 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1000) -> Tokenizer:
     return tokenizer
 
 
+def read_json(path: Path) -> dict:
+    "A model folder's json file as a dict; a clear error naming the file if it is damaged."
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: tolerate a byte-order mark
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}): download the file again") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, got {type(content).__name__}")
+    return content
+
+
 class PaliGemmaProcessor:
     "Turns images and prompts (and, for training, suffixes) into the model's inputs, as PaliGemma expects them."
 
@@ -98,8 +109,14 @@ class PaliGemmaProcessor:
     def __call__(self, images, prompts, suffixes=None, padding_side: str | None = None) -> dict:
         """A batch: one image per prompt. Returns input_ids, attention_mask, token_type_ids (B, L) and
         pixel_values (B, 3, H, W); labels (B, L) too when suffixes are given. Pads to the longest example."""
+        if isinstance(images, (set, dict)) or isinstance(prompts, (set, dict)):
+            raise TypeError("give images and prompts as lists: a set has no order, so they could not be paired")
         images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given: pass one image and one prompt (e.g. 'caption en') per example")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: give exactly one image per prompt")
         if suffixes is not None:
@@ -140,19 +157,28 @@ class PaliGemmaProcessor:
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{folder / 'tokenizer.json'} not found: a PaliGemma folder holds tokenizer.json "
                                     "and preprocessor_config.json (download the whole model folder)")
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+            message = f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e}): download it again"
+            raise ValueError(message) from None
         settings = {}
         if (folder / "processor_config.json").is_file():
-            settings = json.loads((folder / "processor_config.json").read_text()).get("image_processor", {})
+            settings = read_json(folder / "processor_config.json").get("image_processor", {})
         if not settings and (folder / "preprocessor_config.json").is_file():
-            settings = json.loads((folder / "preprocessor_config.json").read_text())
-        if "image_seq_length" not in settings:
+            settings = read_json(folder / "preprocessor_config.json")
+        if not isinstance(settings.get("image_seq_length"), int):
             raise ValueError(f"{folder}: no image_seq_length in preprocessor_config.json or processor_config.json, "
                              "so the number of image tokens is unknown")
         size = settings.get("size", {"height": 224, "width": 224})
+        if not (isinstance(size, dict) and isinstance(size.get("height"), int) and isinstance(size.get("width"), int)):
+            raise ValueError(f"{folder}: the image size must be given as {{'height': H, 'width': W}}, got {size!r}")
         padding_side = "left"
         if (folder / "tokenizer_config.json").is_file():
-            padding_side = json.loads((folder / "tokenizer_config.json").read_text()).get("padding_side", "left")
+            padding_side = read_json(folder / "tokenizer_config.json").get("padding_side", "left")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: padding_side must be 'left' or 'right', "
+                             f"got {padding_side!r}")
         return cls(tokenizer, num_image_tokens=settings["image_seq_length"],
                    image_size=(size["height"], size["width"]),
                    image_mean=settings.get("image_mean", IMAGE_MEAN), image_std=settings.get("image_std", IMAGE_STD),

@@ -154,8 +154,8 @@ def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attent
     if attention_mask is not None and not attention_mask[:, -1].all():
         raise ValueError("the prompts must be padded on the left: each row's last token is where its answer starts "
                          "(use padding_side='left')")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number, at least 1, got {max_new_tokens!r}")
     if L + max_new_tokens > config.max_position_embeddings:
         raise ValueError(f"the prompt has {L} tokens and {max_new_tokens} new ones were asked for, but the model's "
                          f"context is {config.max_position_embeddings} tokens: shorten the prompt or ask for fewer")

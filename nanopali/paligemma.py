@@ -5,7 +5,6 @@
 
 
 import json
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from .bridge import PaliGemmaMultiModalProjector, PaliGemmaProcessor, merge_image_features
+from .bridge import PaliGemmaMultiModalProjector, PaliGemmaProcessor, merge_image_features, read_json
 from .decoder import GemmaConfig
 from .gemma import GemmaForCausalLM, generate_tokens
 from .patches import SiglipVisionConfig
@@ -37,10 +36,24 @@ PALIGEMMA_3B_PT_224_CONFIG = {
 }
 
 
-def _pick(cls, settings: dict) -> dict:
-    "The entries of settings that are fields of the dataclass cls; the rest (bookkeeping) is ignored."
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in settings.items() if k in names}
+def _checked(cls, settings: dict, where: str) -> dict:
+    """The entries of settings that are fields of the dataclass cls (the rest is bookkeeping and ignored), each
+    checked against the type of the field's default: sizes must be whole numbers of at least 1."""
+    picked = {}
+    for f in fields(cls):
+        if f.name not in settings:
+            continue
+        value, kind = settings[f.name], type(f.default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and ok and value < 1 and not f.name.endswith("token_id"):
+            ok = False
+        if not ok:
+            expected = "a positive whole number" if kind is int else kind.__name__
+            raise ValueError(f"{where}.{f.name} is {value!r}: expected {expected}")
+        picked[f.name] = value
+    return picked
 
 
 @dataclass
@@ -54,6 +67,9 @@ class PaliGemmaConfig:
     @classmethod
     def from_dict(cls, config: dict) -> "PaliGemmaConfig":
         "Read a config.json's content; missing fields take the reference's defaults (our dataclasses' defaults)."
+        for part in ("vision_config", "text_config"):
+            if not isinstance(config.get(part, {}), dict):
+                raise ValueError(f"{part} must be a JSON object, got {config[part]!r}")
         if config.get("model_type", "paligemma") != "paligemma":
             raise ValueError(f"model_type is {config['model_type']!r}: this is not a PaliGemma checkpoint")
         vision, text = dict(config.get("vision_config", {})), dict(config.get("text_config", {}))
@@ -63,11 +79,14 @@ class PaliGemmaConfig:
         if vision.get("vision_use_head", False):
             raise ValueError("vision_config.vision_use_head is true: PaliGemma's SigLIP has no pooling head")
         if "rope_parameters" in text:  # newer transformers nest rope_theta
-            text.setdefault("rope_theta", text["rope_parameters"].get("rope_theta", 10000.0))
+            rope = text["rope_parameters"] or {}
+            if rope.get("rope_type", "default") != "default":
+                raise ValueError(f"rope_type {rope['rope_type']!r} is not supported: PaliGemma uses plain RoPE")
+            text.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
         if "hidden_activation" in text:  # older name of hidden_act
             text.setdefault("hidden_act", text["hidden_activation"])
-        vision_config, text_config = SiglipVisionConfig(**_pick(SiglipVisionConfig, vision)), \
-            GemmaConfig(**_pick(GemmaConfig, text))
+        vision_config = SiglipVisionConfig(**_checked(SiglipVisionConfig, vision, "vision_config"))
+        text_config = GemmaConfig(**_checked(GemmaConfig, text, "text_config"))
         projection = config.get("projection_dim", vision.get("projection_dim", text_config.hidden_size))
         if projection != text_config.hidden_size:
             raise ValueError(f"projection_dim {projection} differs from the text model's hidden_size "
@@ -125,6 +144,10 @@ def save(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor
     "Write a checkpoint folder in the Hugging Face layout: config, safetensors, tokenizer, image settings."
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    stale = sorted(f.name for f in folder.glob("model*.safetensors*") if f.name != "model.safetensors")
+    if stale:
+        raise FileExistsError(f"{folder} already holds another checkpoint's files ({', '.join(stale)}): save into "
+                              "an empty folder, so that no old shard can be loaded with the new weights")
     (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
     tensors = {_hub_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
@@ -165,21 +188,27 @@ def pick_device(device=None) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        message = f"device {device!r} is not a device name: use 'cpu', 'cuda', 'cuda:1', 'mps' or None"
+        raise ValueError(message) from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if not available.get(device.type, False):
         raise ValueError(f"device {device.type!r} is not available on this machine: use 'cpu' or leave device unset")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def pick_dtype(dtype, device: torch.device) -> torch.dtype:
-    "None: bfloat16. float16 is refused on the CPU."
+    "None: bfloat16. float32 anywhere; float16 on accelerators only, refused on the CPU."
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
              "float16": torch.float16, "fp16": torch.float16}
     dtype = torch.bfloat16 if dtype is None else names.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in (torch.bfloat16, torch.float32, torch.float16):
-        raise ValueError(f"dtype {dtype} is not supported: use bfloat16 (default) or float32")
+        raise ValueError(f"dtype {dtype!r} is not supported: use 'bfloat16' (default) or 'float32'")
     if dtype == torch.float16 and device.type == "cpu":
         raise ValueError("float16 on the CPU is refused: most CPUs have no float16 arithmetic and PyTorch emulates "
                          "it about 1000x slower. Use bfloat16 (the default) or float32.")
@@ -189,27 +218,38 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
 def _checkpoint_files(folder: Path) -> list[Path]:
     "model.safetensors, or the shards named by model.safetensors.index.json; all must exist."
     index = folder / "model.safetensors.index.json"
+    if index.is_file() and (folder / "model.safetensors").is_file():
+        raise ValueError(f"{folder} holds both model.safetensors and model.safetensors.index.json: two checkpoints "
+                         "mixed in one folder. Keep the one you downloaded and remove the other")
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e}): download it again") from None
+        weight_map = read_json(index).get("weight_map")
+        shards_ok = isinstance(weight_map, dict) and weight_map and all(
+            isinstance(v, str) and v.endswith(".safetensors") and "/" not in v for v in weight_map.values())
+        if not shards_ok:
+            raise ValueError(f"{index}: its weight_map must map tensor names to shard files: download it again")
         files = [folder / name for name in sorted(set(weight_map.values()))]
     elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
+        weight_map, files = None, [folder / "model.safetensors"]
     else:
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json. A PaliGemma folder "
                                 "holds the weights in safetensors files: download the whole folder")
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"{folder}: the index names {', '.join(missing)}, which is missing: download it")
-    return files
+    return files, weight_map
+
+
+def _index_mismatch(folder: Path, name: str, file: str, weight_map: dict):
+    says = f"the index puts it in {weight_map[name]}" if name in weight_map else "the index omits it"
+    raise ValueError(f"{folder}: {name} is in {file}, but {says}: the index and the shards do not belong together")
 
 
 def load(path: str | Path, device=None, dtype=None, progress: bool | None = None):
     """Load a PaliGemma checkpoint folder (Hugging Face layout) -> (model, processor). device: None/'auto', 'cpu',
     'cuda', 'mps'; dtype: bfloat16 (default) or float32. progress: a progress bar (default: for folders over 1 GB)."""
     folder = Path(path)
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} is a file: give the model's folder (the one holding config.json)")
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder}: no such folder. Download a PaliGemma checkpoint into it first, e.g. "
@@ -217,32 +257,54 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
             "licence on the model's page), or use the small model the course ships in weights/")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'config.json'} not found: this is not a complete model folder")
-    device, start = pick_device(device), time.perf_counter()
+    device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    config = PaliGemmaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    try:
+        config = PaliGemmaConfig.from_dict(read_json(folder / "config.json"))
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
     processor = PaliGemmaProcessor.from_folder(folder)
+    if processor.image_size != (config.vision.image_size, config.vision.image_size):
+        raise ValueError(f"{folder}: the image settings resize to {processor.image_size} but the vision model reads "
+                         f"{config.vision.image_size} x {config.vision.image_size} images")
     if processor.num_image_tokens != config.vision.num_patches:
         raise ValueError(f"{folder}: the processor makes {processor.num_image_tokens} image tokens but the vision "
                          f"model gives {config.vision.num_patches}: the folder's json files do not belong together")
+    if processor.image_token_id != config.image_token_index:
+        raise ValueError(f"{folder}: the tokenizer's <image> id is {processor.image_token_id} but config.json says "
+                         f"image_token_index {config.image_token_index}: tokenizer and config do not belong together")
+    if processor.tokenizer.get_vocab_size() > config.text.vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {processor.tokenizer.get_vocab_size()} tokens but the model's "
+                         f"vocabulary only {config.text.vocab_size} rows: tokenizer and config do not belong together")
 
     with torch.device("meta"):  # no memory for weights that the checkpoint will replace
         model = PaliGemmaForConditionalGeneration(config)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    files = _checkpoint_files(folder)
+    files, weight_map = _checkpoint_files(folder)
     total = sum(f.stat().st_size for f in files)
     show = progress if progress is not None else total > 2**30
-    state, unexpected, wrong_shape, misshapen, head = {}, [], [], set(), None
+    state, unexpected, wrong_shape, misshapen, head, seen, names = {}, [], [], set(), None, {}, set()
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}", disable=not show) as bar:
         for file in files:
             try:
                 with safe_open(str(file), framework="pt") as f:
                     for name in f.keys():
                         ours = canonical_name(name)
+                        if ours in seen:
+                            raise ValueError(f"{folder}: {name} (in {file.name}) and {seen[ours]} are the same tensor "
+                                             "under two names: the folder mixes two checkpoints")
+                        seen[ours] = f"{name} (in {file.name})"
+                        names.add(name)
+                        if weight_map is not None and weight_map.get(name) != file.name:
+                            _index_mismatch(folder, name, file.name, weight_map)
                         if ours != "lm_head.weight" and ours not in expected:
                             unexpected.append(name)
                             continue
-                        tensor = f.get_tensor(name).to(device=device, dtype=dtype)  # read once, cast once
-                        bar.update(tensor.numel() * tensor.element_size())
+                        raw = f.get_tensor(name)  # memory-mapped: nothing is copied yet
+                        bar.update(raw.numel() * raw.element_size())
+                        if not raw.is_floating_point():
+                            raise ValueError(f"{folder}: {name} holds {raw.dtype} numbers, not floating-point weights")
+                        tensor = raw.to(device=device, dtype=dtype)  # cast once (no copy if dtype and device match)
                         if ours == "lm_head.weight":
                             head = tensor
                         elif tensor.shape != expected[ours]:
@@ -251,7 +313,7 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
                                                f"{tuple(expected[ours])} in the model")
                         else:
                             state[ours] = tensor
-            except (SafetensorError, OSError) as e:
+            except (SafetensorError, OSError) as e:  # a damaged file; our own ValueErrors pass through
                 raise ValueError(f"{file}: not a readable safetensors file ({e}): it is corrupt or truncated, "
                                  "download it again") from None
     missing = sorted(set(expected) - set(state) - misshapen)
@@ -263,14 +325,15 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
                     f"{len(wrong_shape)} with the wrong shape: {first(wrong_shape)}" if wrong_shape else ""]
         raise ValueError(f"{folder}: the checkpoint does not match its config.json: "
                          + "; ".join(p for p in problems if p))
+    if weight_map is not None and set(weight_map) - names:
+        ghosts = sorted(set(weight_map) - names)
+        raise ValueError(f"{folder}: the index lists tensors no shard holds: {', '.join(ghosts[:5])}")
     embedding = state["language_model.model.embed_tokens.weight"]
-    if head is not None and not torch.equal(head, embedding):
+    if head is not None and (head.shape != embedding.shape or not torch.equal(head, embedding)):
         raise ValueError(f"{folder}: lm_head.weight differs from the embedding table; PaliGemma ties the two, and an "
                          "untied head is not supported")
     model.load_state_dict(state, strict=True, assign=True)  # the tensors themselves become the parameters
-    model.eval()
-    model.load_seconds = time.perf_counter() - start
-    return model, processor
+    return model.eval(), processor
 
 
 @torch.inference_mode()
@@ -278,7 +341,6 @@ def generate(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProce
              max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int | None = None) -> list[str]:
     "Answer each prompt about its image; returns one string per prompt."
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     inputs = processor(images, prompts, padding_side="left")
     device = next(model.parameters()).device
     inputs_embeds = model.embed_inputs(inputs["input_ids"].to(device), inputs["pixel_values"].to(device))

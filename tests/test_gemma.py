@@ -154,7 +154,8 @@ def test_top_k_keeps_only_the_k_best():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"max_new_tokens": 0}, "max_new_tokens must be at least 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be a whole number, at least 1"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number, at least 1"),
     ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
     ({"do_sample": True, "temperature": -1.0}, "temperature must be > 0"),
     ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),

@@ -299,3 +299,87 @@ def test_an_image_that_cannot_be_read_is_reported(good_folder, tmp_path):
     bad.write_text("not an image")
     with pytest.raises(ImageFileError, match="notes.png: not an image file"):
         nanopali.generate(model, processor, [bad], ["caption en"])
+
+
+def test_a_tokenizer_that_does_not_belong_to_the_config_is_refused(good_folder):
+    config = json.loads((good_folder / "config.json").read_text())
+    config["image_token_index"] = 257152  # the real model's id, not this tokenizer's
+    (good_folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="<image> id is .* but config.json says image_token_index 257152"):
+        load(good_folder)
+
+
+@pytest.mark.parametrize("content, message", [("", "config.json: not valid JSON"), ("[]", "expected a JSON object"),
+                                              ('{"text_config": null}', "text_config must be a JSON object"),
+                                              ('{"text_config": {"hidden_size": "64"}}',
+                                               "text_config.hidden_size is '64': expected a positive whole number"),
+                                              ('{"text_config": {"num_key_value_heads": 0}}',
+                                               "num_key_value_heads is 0: expected a positive whole number")])
+def test_damaged_config_json_is_named(good_folder, content, message):
+    (good_folder / "config.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load(good_folder)
+
+
+@pytest.mark.parametrize("file", ["tokenizer.json", "preprocessor_config.json", "tokenizer_config.json"])
+def test_damaged_json_files_are_named(good_folder, file):
+    (good_folder / file).write_text("{ truncated")
+    with pytest.raises(ValueError, match=f"{file}: not"):
+        load(good_folder)
+
+
+def test_folders_mixing_two_checkpoints_are_refused(good_folder, tmp_path, tokenizer, reference):
+    other = write_folder(tmp_path / "other", reference["grouped-query"], tokenizer, "transformers 5")
+    (good_folder / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="holds both model.safetensors and model.safetensors.index.json"):
+        load(good_folder)
+
+
+def test_a_tensor_stored_twice_is_refused(good_folder):
+    shard = good_folder / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    name = next(iter(tensors))
+    twin_name = "model." + name.replace("vision_tower.vision_model.", "vision_tower.")
+    tensors[twin_name] = tensors[name].clone()
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    index = json.loads((good_folder / "model.safetensors.index.json").read_text())
+    index["weight_map"][twin_name] = shard.name
+    (good_folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="the same tensor under two names"):
+        load(good_folder)
+
+
+def test_an_index_that_does_not_match_its_shards_is_refused(good_folder):
+    index = json.loads((good_folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["ghost.weight"] = "model-00001-of-00002.safetensors"
+    (good_folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="the index lists tensors no shard holds: ghost.weight"):
+        load(good_folder)
+    index["weight_map"].pop("ghost.weight")
+    first = sorted(index["weight_map"])[0]
+    index["weight_map"][first] = "model-00002-of-00002.safetensors"  # the wrong shard
+    (good_folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="the index puts it in model-00002-of-00002.safetensors"):
+        load(good_folder)
+
+
+def test_save_refuses_a_folder_holding_other_shards(good_folder):
+    model, processor = load(good_folder, dtype="float32")
+    with pytest.raises(FileExistsError, match="already holds another checkpoint's files"):
+        save(model, processor, good_folder)
+
+
+def test_a_file_or_a_bad_device_name_is_refused(good_folder):
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        load(good_folder / "config.json")
+    for device in ["gpu", "tpu:banana"]:
+        with pytest.raises(ValueError, match="not a device name|not available"):
+            load(good_folder, device=device)
+
+
+def test_generate_refuses_empty_and_unordered_batches(good_folder):
+    model, processor = load(good_folder, dtype="float32")
+    with pytest.raises(ValueError, match="no prompts given"):
+        nanopali.generate(model, processor, [], [])
+    with pytest.raises(TypeError, match="a set has no order"):
+        nanopali.generate(model, processor, set(IMAGE_FILES), PROMPTS)
