@@ -1,0 +1,186 @@
+"""Lesson 08: the scenes, the tasks, the loss on the answer only, and the trainer's guarantees."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nanopali.train import (
+    COLOURS,
+    TASKS,
+    TrainConfig,
+    caption,
+    iou,
+    loc_tokens,
+    make_scene,
+    make_task,
+    parse_detections,
+    save_checkpoint,
+    suffix_loss,
+    train,
+)
+
+from conftest import IMAGES, run_python
+
+
+def test_scenes_are_deterministic():
+    a, objects_a = make_scene(np.random.default_rng(42))
+    b, objects_b = make_scene(np.random.default_rng(42))
+    assert a.tobytes() == b.tobytes() and objects_a == objects_b
+    c, _ = make_scene(np.random.default_rng(43))
+    assert a.tobytes() != c.tobytes()
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_boxes_hold_exactly_their_shapes_pixels(seed):
+    image, objects = make_scene(np.random.default_rng(seed))
+    pixels = np.asarray(image).astype(int)
+    assert 1 <= len(objects) <= 3
+    assert len({o.shape for o in objects}) == len({o.colour for o in objects}) == len(objects)
+    for o in objects:
+        painted = (np.abs(pixels - np.array(COLOURS[o.colour])).sum(-1) == 0)  # exactly the shape's colour
+        ys, xs = np.nonzero(painted)
+        assert (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1) == o.box  # the tight box of those pixels
+
+
+def test_objects_do_not_overlap_and_come_left_to_right():
+    for seed in range(50):
+        _, objects = make_scene(np.random.default_rng(seed))
+        assert [o.box[1] for o in objects] == sorted(o.box[1] for o in objects)
+        for i, a in enumerate(objects):
+            for b in objects[i + 1:]:
+                assert iou(a.box, b.box) == 0
+
+
+def test_answers_agree_with_the_scene():
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        _, objects = make_scene(rng)
+        by_shape = {o.shape: o for o in objects}
+        prefix, suffix = make_task("colour", objects, rng, 112)
+        assert by_shape[prefix.split()[-1].rstrip("?")].colour == suffix
+        prefix, suffix = make_task("shape", objects, rng, 112)
+        assert {o.colour: o.shape for o in objects}[prefix.split()[-2]] == suffix
+        assert make_task("count", objects, rng, 112)[1] == str(len(objects))
+        prefix, suffix = make_task("exists", objects, rng, 112)
+        assert suffix == ("yes" if prefix.split()[-1].rstrip("?") in by_shape else "no")
+        prefix, suffix = make_task("detect", objects, rng, 112)
+        found = parse_detections(suffix, 112)
+        assert [name for name, _ in found] == prefix[len("detect "):].split(" ; ")
+        for name, box in found:
+            assert iou(box, by_shape[name].box) > 0.95  # 1023 bins: rounding only
+        assert make_task("caption", objects, rng, 112)[1] == caption(objects)
+
+
+def test_caption_and_location_formats():
+    from types import SimpleNamespace as Named  # a stand-in with just what caption reads
+
+    assert caption([Named(name="large red circle")]) == "a large red circle"
+    assert caption([Named(name="large red circle"), Named(name="small blue square")]) == \
+        "a large red circle and a small blue square"
+    assert caption([Named(name="x"), Named(name="y"), Named(name="z")]) == "a x, a y and a z"
+    assert loc_tokens((0, 56, 112, 28), 112) == "<loc0000><loc0512><loc1023><loc0256>"
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("segment", [], np.random.default_rng(0), 112)
+
+
+def test_loss_counts_only_answer_tokens():
+    torch.manual_seed(0)
+    labels = torch.tensor([[-100, -100, -100, 7, 8, 1, -100], [-100, -100, 5, 1, -100, -100, -100]])
+    logits = torch.randn(2, 7, 10)
+    base = suffix_loss(logits, labels)
+    changed = logits.clone()
+    changed[0, [0, 1, 5, 6]] += 5 * torch.randn(4, 10)  # positions whose *next* label is -100, or the last
+    changed[1, [0, 3, 4, 5, 6]] += 5 * torch.randn(5, 10)
+    assert torch.equal(suffix_loss(changed, labels), base)
+    changed[0, 2, 7] += 5.0  # position 2 predicts label 7: now the loss moves
+    assert not torch.equal(suffix_loss(changed, labels), base)
+
+
+def test_loss_averages_per_sequence():
+    "A one-token answer weighs as much as a long one."
+    logits = torch.zeros(2, 6, 4)
+    logits[0, 0, 2] = 10.0  # sequence 0 predicts its single answer token well
+    labels = torch.tensor([[-100, 2, -100, -100, -100, -100], [-100, 1, 1, 1, 1, 1]])
+    per_sequence_1 = torch.nn.functional.cross_entropy(torch.zeros(1, 4), torch.tensor([1]))
+    expected = (torch.nn.functional.cross_entropy(logits[0, :1], torch.tensor([2])) + per_sequence_1) / 2
+    torch.testing.assert_close(suffix_loss(logits, labels), expected)
+
+
+def tiny_run(folder, steps, **changes):
+    settings = dict(out=str(folder / "model"), steps=steps, batch_size=4, warmup=5, eval_every=10_000,
+                    eval_scenes=2, checkpoint_every=5, log_every=5)
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    cfg = tiny_run(tmp_path, 40, batch_size=8, lr=2e-3)
+    train(cfg, progress=False)
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "model.log.jsonl")]
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    "Stop a run after 5 of its 10 steps (as Ctrl-C would), start it again: same weights as never stopping."
+    whole, _ = train(tiny_run(tmp_path / "a", 10), progress=False)
+    partial = tiny_run(tmp_path / "b", 10)
+    import nanopali.train as t
+    calls = {"n": 0}
+    original = t.make_batch
+
+    def stop_after_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    t.make_batch = stop_after_five
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(partial, progress=False)
+    finally:
+        t.make_batch = original
+    assert torch.load(tmp_path / "b" / "model.checkpoint.pt", weights_only=False)["step"] == 5
+    resumed, _ = train(partial, progress=False)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "model.log.jsonl")]
+    assert steps == [5, 10]
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "run.checkpoint.pt"
+    save_checkpoint(path, step=1, model={"w": torch.ones(3)})
+
+    def crash(obj, f, *args, **kwargs):
+        with open(f, "wb") as half:
+            half.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, step=2, model={"w": torch.zeros(3)})
+    monkeypatch.undo()
+    state = torch.load(path, weights_only=False)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    train(tiny_run(tmp_path, 5), progress=False)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        train(tiny_run(tmp_path, 5, lr=5e-4), progress=False)
+
+
+def test_the_command_line_trains_evaluates_and_saves(tmp_path):
+    out = tmp_path / "shapes"
+    result = run_python("-m", "nanopali.train", "--out", str(out), "--steps", "6", "--batch-size", "4",
+                        "--warmup", "2", "--eval-scenes", "2", "--eval-every", "1000", "--checkpoint-every", "3",
+                        "--final-eval-scenes", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "held-out accuracy on 3 scenes" in result.stdout
+    scores = json.loads((out / "eval.json").read_text())
+    assert set(scores) == set(TASKS)
+    import nanopali
+    model, processor = nanopali.load(out)
+    assert len(nanopali.generate(model, processor, [IMAGES / "chelsea.png"], ["caption en"], max_new_tokens=3)) == 1
