@@ -81,8 +81,7 @@ def run(image_path: str, size: int) -> None:
           f"encoded in {time.perf_counter() - encoding:.2f} s)")
     print("             (random weights: the numbers mean nothing yet, the shapes are the real model's)")
     print(f"image tokens the language model would see: {config.num_patches}")
-    print(f"done in {time.perf_counter() - start:.1f} s. Next: lesson 03, the bridge to the language model "
-          "(jupyter lab notebooks/)")
+    print(f"done in {time.perf_counter() - start:.1f} s. The lessons that build the rest: jupyter lab notebooks/")
 
 
 def main(argv: list[str] | None = None) -> int:
