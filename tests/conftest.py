@@ -20,3 +20,16 @@ def run_python(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess
 def photos() -> list[Path]:
     "Every photo shipped in images/."
     return sorted(p for p in IMAGES.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})
+
+
+def reference_gemma_config(cfg, attn_implementation: str = "eager"):
+    "transformers' GemmaConfig with the same settings as our GemmaConfig cfg (for the parity tests)."
+    import transformers
+
+    return transformers.GemmaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings, pad_token_id=cfg.pad_token_id,
+        eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation=attn_implementation)

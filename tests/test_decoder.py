@@ -10,6 +10,8 @@ from nanopali.bridge import prefix_lm_mask
 from nanopali.decoder import GemmaAttention, GemmaConfig, GemmaDecoderLayer, GemmaMLP, GemmaRMSNorm, repeat_kv
 from nanopali.rope import GemmaRotaryEmbedding
 
+from conftest import reference_gemma_config
+
 transformers = pytest.importorskip("transformers")
 from transformers.models.gemma import modeling_gemma  # noqa: E402
 
@@ -17,13 +19,7 @@ ATOL = 1e-5
 CONFIGS = {"multi-query": GemmaConfig.tiny(), "grouped-query": GemmaConfig.tiny(num_key_value_heads=2)}
 
 
-def reference_config(cfg: GemmaConfig, attn_implementation="eager"):
-    return transformers.GemmaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation=attn_implementation)
+reference_config = reference_gemma_config
 
 
 def randomise(module):

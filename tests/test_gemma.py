@@ -10,19 +10,15 @@ import torch
 from nanopali.decoder import GemmaConfig
 from nanopali.gemma import GemmaForCausalLM, KVCache, generate_tokens, sample_next_token
 
+from conftest import reference_gemma_config
+
 transformers = pytest.importorskip("transformers")
 
 ATOL = 1e-5
 CONFIGS = {"multi-query": GemmaConfig.tiny(), "grouped-query": GemmaConfig.tiny(num_key_value_heads=2)}
 
 
-def reference_config(cfg: GemmaConfig, attn_implementation="eager"):
-    return transformers.GemmaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        max_position_embeddings=cfg.max_position_embeddings, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation=attn_implementation)
+reference_config = reference_gemma_config
 
 
 def twin(cfg, attn_implementation="eager", std=0.3):
