@@ -57,6 +57,8 @@ def _outline(shape: str, x0: float, y0: float, side: float) -> list:
 def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int = 3):
     """A light, slightly noisy background with 1..max_objects shapes of distinct shapes and colours at random
     non-overlapping places. Returns (PIL image, objects sorted left to right)."""
+    if not 1 <= max_objects <= len(SHAPES):
+        raise ValueError(f"max_objects must be between 1 and {len(SHAPES)}: shapes are unique within a scene")
     n = int(rng.integers(1, max_objects + 1))
     shapes = rng.choice(SHAPES, size=n, replace=False)
     colours = rng.choice(sorted(COLOURS), size=n, replace=False)
@@ -71,6 +73,8 @@ def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int
         if any(y0 < b[2] + 2 and b[0] < y0 + side + 2 and x0 < b[3] + 2 and b[1] < x0 + side + 2
                for b in (o.box for o in objects)):
             continue  # overlaps (or touches) a shape already placed: draw another place
+        if any(abs((x0 + side / 2) - (b[1] + b[3]) / 2) < 8 for b in (o.box for o in objects)):
+            continue  # almost above or below another shape: "left to right" would be ambiguous
         shape, colour = str(shapes[len(objects)]), str(colours[len(objects)])
         mask = Image.new("L", image.size, 0)  # the shape alone, to paint it and to measure its exact box
         pen = ImageDraw.Draw(mask)
@@ -83,7 +87,7 @@ def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int
         image.paste(COLOURS[colour], mask=mask)
         left, top, right, bottom = mask.getbbox()  # the tight box of the painted pixels
         objects.append(SceneObject(shape, colour, size, (top, left, bottom, right)))
-    return image, sorted(objects, key=lambda o: (o.box[1], o.box[0]))
+    return image, sorted(objects, key=lambda o: o.box[1] + o.box[3])  # left to right, by the box's centre
 
 
 def loc_tokens(box, image_size: int) -> str:
@@ -120,6 +124,11 @@ def make_task(task: str, objects, rng: np.random.Generator, image_size: int) -> 
     wanted = [objects[i] for i in rng.permutation(len(objects))[: int(rng.integers(1, min(2, len(objects)) + 1))]]
     prefix = "detect " + " ; ".join(o.shape for o in wanted)
     return prefix, " ; ".join(f"{loc_tokens(o.box, image_size)} {o.shape}" for o in wanted)
+
+
+def make_tokenizer(seed: int = 0):
+    "The course's tokenizer: lesson 03's build_tokenizer, learned from the texts of 3000 random examples."
+    return build_tokenizer(task_texts(np.random.default_rng([seed, 2**31])), vocab_size=600)
 
 
 def task_texts(rng: np.random.Generator, n: int = 3000, image_size: int = 112) -> list[str]:
@@ -169,6 +178,7 @@ def suffix_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return per_sequence.mean()
 
 
+# how often each task is drawn: detection most (it has the most to learn: 1024 location tokens), captions next
 TASK_WEIGHTS = {"caption": 0.2, "colour": 0.12, "shape": 0.12, "count": 0.12, "exists": 0.12, "detect": 0.32}
 
 
@@ -274,7 +284,7 @@ def save_checkpoint(path: Path, **state):
 
 def build(cfg: TrainConfig):
     "The tokenizer, processor and freshly initialised model of a run, all determined by cfg.seed."
-    tokenizer = build_tokenizer(task_texts(np.random.default_rng([cfg.seed, 2**31])), vocab_size=600)
+    tokenizer = make_tokenizer(cfg.seed)
     config = small_config(tokenizer, cfg.image_size)
     processor = PaliGemmaProcessor(tokenizer, config.vision.num_patches, (cfg.image_size, cfg.image_size))
     torch.manual_seed(cfg.seed)
@@ -290,10 +300,15 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
     checkpoint, log_path = out.with_name(out.name + ".checkpoint.pt"), out.with_name(out.name + ".log.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     model, processor = build(cfg)
-    vision = [p for n, p in model.named_parameters() if n.startswith(("vision_tower", "multi_modal_projector"))]
-    text = [p for n, p in model.named_parameters() if n.startswith("language_model")]
-    optimizer = torch.optim.AdamW([{"params": vision, "lr": cfg.vision_lr}, {"params": text, "lr": cfg.lr}],
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    groups = {}  # (part, decays) -> parameters
+    for name, p in model.named_parameters():
+        part = "vision" if name.startswith(("vision_tower", "multi_modal_projector")) else "text"
+        decays = p.ndim >= 2 and "embed" not in name  # no decay for norms, biases and the embedding tables
+        groups.setdefault((part, decays), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "part": part, "lr": cfg.vision_lr if part == "vision" else cfg.lr,
+          "weight_decay": cfg.weight_decay if decays else 0.0} for (part, decays), ps in groups.items()],
+        betas=(0.9, 0.95))  # 0.95: Adam's running scale of each gradient adapts faster than at the default 0.999
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, cfg))
     start_step, elapsed = 0, 0.0
     if resume and checkpoint.is_file():
@@ -305,6 +320,9 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step, elapsed = state["step"], state["elapsed"]
+        if log_path.exists():  # keep the log up to the checkpoint: later lines are redone by this run
+            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            log_path.write_text("".join(line + "\n" for line in kept))
     elif log_path.exists():
         log_path.unlink()  # a fresh run starts a fresh log
 
@@ -314,8 +332,9 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
     window, started = [], time.perf_counter() - elapsed
     with open(log_path, "a") as log:
         for step in bar:
+            t0 = time.perf_counter()  # the time of a step includes drawing its scenes
+            used_lr = {group["part"]: group["lr"] for group in optimizer.param_groups}
             batch = make_batch(processor, cfg.seed, step, cfg.batch_size, cfg.image_size)
-            t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                                batch["token_type_ids"])
@@ -326,12 +345,14 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             window.append((loss.item(), time.perf_counter() - t0))
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            last = step + 1 == cfg.steps
+            if (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.eval_every == 0 or last:
                 mean_loss = sum(w[0] for w in window) / len(window)
                 speed = cfg.batch_size * len(window) / sum(w[1] for w in window)
-                record = {"step": step + 1, "loss": round(mean_loss, 4), "lr": scheduler.get_last_lr()[1],
+                record = {"step": step + 1, "loss": round(mean_loss, 4), "lr_vision": used_lr["vision"],
+                          "lr_text": used_lr["text"],
                           "samples_per_s": round(speed, 1), "minutes": round((time.perf_counter() - started) / 60, 2)}
-                if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                if (step + 1) % cfg.eval_every == 0 or last:
                     record["eval"] = {k: round(v, 3) for k, v in evaluate(model, processor, cfg.eval_scenes).items()}
                     model.train()
                 log.write(json.dumps(record) + "\n")

@@ -47,7 +47,9 @@ def test_boxes_hold_exactly_their_shapes_pixels(seed):
 def test_objects_do_not_overlap_and_come_left_to_right():
     for seed in range(50):
         _, objects = make_scene(np.random.default_rng(seed))
-        assert [o.box[1] for o in objects] == sorted(o.box[1] for o in objects)
+        centres = [(o.box[1] + o.box[3]) / 2 for o in objects]
+        assert centres == sorted(centres)
+        assert all(b - a >= 7 for a, b in zip(centres, centres[1:]))  # never ambiguous (8 px, less rounding)
         for i, a in enumerate(objects):
             for b in objects[i + 1:]:
                 assert iou(a.box, b.box) == 0
@@ -147,6 +149,36 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "model.log.jsonl")]
     assert steps == [5, 10]
+
+
+def test_resuming_drops_log_lines_after_the_checkpoint(tmp_path):
+    import nanopali.train as t
+
+    cfg = tiny_run(tmp_path, 8, checkpoint_every=3, log_every=1, eval_every=4, eval_scenes=1)
+    original, calls = t.make_batch, {"n": 0}
+
+    def stop_after_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    t.make_batch = stop_after_five
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    finally:
+        t.make_batch = original
+    train(cfg, progress=False)
+    records = [json.loads(line) for line in open(tmp_path / "model.log.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records if "eval" in r] == [4, 8]  # evaluation does not depend on logging
+    assert records[0]["lr_text"] == pytest.approx(cfg.lr / cfg.warmup)  # the rate used at step 1
+
+
+def test_scene_with_too_many_objects_is_refused():
+    with pytest.raises(ValueError, match="max_objects must be between 1 and 4"):
+        make_scene(np.random.default_rng(0), max_objects=5)
 
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
