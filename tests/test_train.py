@@ -116,6 +116,24 @@ def tiny_run(folder, steps, **changes):
     return TrainConfig(**{**settings, **changes})
 
 
+def interrupt_after(steps, cfg, monkeypatch):
+    "Run cfg and stop it as Ctrl-C would, when the step after `steps` asks for its batch."
+    import nanopali.train as t
+
+    original, calls = t.make_batch, {"n": 0}
+
+    def stop(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(t, "make_batch", stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+
+
 def test_a_few_steps_lower_the_loss(tmp_path):
     cfg = tiny_run(tmp_path, 40, batch_size=8, lr=2e-3)
     train(cfg, progress=False)
@@ -123,26 +141,11 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert losses[-1] < 0.6 * losses[0]
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
     "Stop a run after 5 of its 10 steps (as Ctrl-C would), start it again: same weights as never stopping."
     whole, _ = train(tiny_run(tmp_path / "a", 10), progress=False)
     partial = tiny_run(tmp_path / "b", 10)
-    import nanopali.train as t
-    calls = {"n": 0}
-    original = t.make_batch
-
-    def stop_after_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    t.make_batch = stop_after_five
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(partial, progress=False)
-    finally:
-        t.make_batch = original
+    interrupt_after(5, partial, monkeypatch)
     assert torch.load(tmp_path / "b" / "model.checkpoint.pt", weights_only=False)["step"] == 5
     resumed, _ = train(partial, progress=False)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
@@ -151,24 +154,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert steps == [5, 10]
 
 
-def test_resuming_drops_log_lines_after_the_checkpoint(tmp_path):
-    import nanopali.train as t
-
+def test_resuming_drops_log_lines_after_the_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_run(tmp_path, 8, checkpoint_every=3, log_every=1, eval_every=4, eval_scenes=1)
-    original, calls = t.make_batch, {"n": 0}
-
-    def stop_after_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 5:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    t.make_batch = stop_after_five
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, progress=False)
-    finally:
-        t.make_batch = original
+    interrupt_after(5, cfg, monkeypatch)
     train(cfg, progress=False)
     records = [json.loads(line) for line in open(tmp_path / "model.log.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 9))
