@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .bridge import LOC_TOKENS, PaliGemmaProcessor, build_tokenizer
 from .decoder import GemmaConfig
 from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration, generate, save
-from .patches import SiglipVisionConfig
+from .patches import SiglipVisionConfig, preprocess_images
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 200, 20),
@@ -65,8 +65,11 @@ def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int
     background = rng.integers(225, 246)
     pixels = background + rng.normal(0, 5, size=(image_size, image_size, 1))
     image = Image.fromarray(np.clip(pixels.repeat(3, axis=2), 0, 255).astype(np.uint8))
-    objects = []
+    objects, tries = [], 0
     while len(objects) < n:
+        tries += 1
+        if tries % 100 == 0:  # the shapes placed so far leave no room: start the layout again
+            objects, image = [], Image.fromarray(np.clip(pixels.repeat(3, axis=2), 0, 255).astype(np.uint8))
         size = "large" if rng.random() < 0.5 else "small"
         side = int(image_size * rng.uniform(*SIZES[size]))
         x0, y0 = (int(v) for v in rng.integers(1, image_size - side, size=2))
@@ -246,17 +249,86 @@ def evaluate(model, processor, num_scenes: int = 600, seed: int = EVAL_SEED, bat
     return {t: right[t] / max(total[t], 1) for t in TASKS}
 
 
+PATCH_BACKGROUND = 0  # class 0 of the probe's shape and colour targets; objects are 1 + their index
+
+
+def patch_targets(image, objects, patch_size: int = 14) -> dict:
+    """What each patch of a scene shows, row by row: `shape` (0 background, 1 + index in SHAPES), `colour`
+    (0 background, 1 + index in sorted COLOURS) and `box`, the (y_min, x_min, y_max, x_max) of the object covering
+    most of the patch, as fractions of the image side (zeros on background)."""
+    pixels = np.asarray(image)
+    side, grid = pixels.shape[0], pixels.shape[0] // patch_size
+    owner = np.full(pixels.shape[:2], -1)
+    for i, o in enumerate(objects):
+        owner[(pixels == COLOURS[o.colour]).all(-1)] = i  # exact colour: the object's own pixels
+    blocks = owner[:grid * patch_size, :grid * patch_size].reshape(grid, patch_size, grid, patch_size)
+    blocks = blocks.transpose(0, 2, 1, 3).reshape(grid * grid, patch_size * patch_size)
+    counts = np.stack([(blocks == i).sum(1) for i in range(len(objects))], axis=1)  # (patches, objects)
+    covered = counts.max(1) >= patch_size * patch_size / 10
+    shape, colour = np.zeros(grid * grid, dtype=np.int64), np.zeros(grid * grid, dtype=np.int64)
+    box = np.zeros((grid * grid, 4), dtype=np.float32)
+    for patch in np.flatnonzero(covered):
+        o = objects[counts[patch].argmax()]
+        shape[patch], colour[patch] = 1 + SHAPES.index(o.shape), 1 + sorted(COLOURS).index(o.colour)
+        box[patch] = np.array(o.box) / side
+    return {"shape": torch.from_numpy(shape), "colour": torch.from_numpy(colour), "box": torch.from_numpy(box)}
+
+
+class PatchProbe(torch.nn.Module):
+    "A linear read-out of the vision tower's patch vectors: shape and colour logits and a box per patch."
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.sizes = (1 + len(SHAPES), 1 + len(COLOURS), 4)
+        self.proj = torch.nn.Linear(hidden_size, sum(self.sizes))
+
+    def forward(self, features: torch.Tensor) -> dict:
+        shape, colour, box = self.proj(features).float().split(self.sizes, dim=-1)
+        return {"shape": shape, "colour": colour, "box": box}
+
+
+def probe_loss(predicted: dict, targets: dict) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy of shape and colour on every patch, plus the boxes' L1 error (x10) on object patches.
+    Returns (loss, scores): on object patches, the share of right shapes and colours, and the mean box error."""
+    on_object = targets["shape"] != PATCH_BACKGROUND
+    shape = F.cross_entropy(predicted["shape"].flatten(0, 1), targets["shape"].flatten())
+    colour = F.cross_entropy(predicted["colour"].flatten(0, 1), targets["colour"].flatten())
+    box_error = (predicted["box"] - targets["box"]).abs()[on_object]  # (object patches, 4)
+    loss = shape + colour + 10 * box_error.sum(-1).mean()
+    with torch.no_grad():
+        right = {k: (predicted[k].argmax(-1) == targets[k])[on_object].float().mean().item()
+                 for k in ("shape", "colour")}
+    scores = {"patch_shape": right["shape"], "patch_colour": right["colour"],
+              "box_error": box_error.mean().item()}  # a fraction of the image side
+    return loss, scores
+
+
+def make_pretrain_batch(processor: PaliGemmaProcessor, seed: int, step: int, batch_size: int, patch_size: int):
+    "Pixel values and patch targets of one pre-training step, drawn from (seed, step, 1): a stream of its own."
+    rng = np.random.default_rng([seed, step, 1])
+    images, targets = [], []
+    for _ in range(batch_size):
+        image, objects = make_scene(rng, processor.image_size[0])
+        images.append(image)
+        targets.append(patch_targets(image, objects, patch_size))
+    pixel_values = preprocess_images(images, **processor.image_settings)
+    return pixel_values, {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
+
+
 @dataclass
 class TrainConfig:
     "Everything that decides a training run; the same config and seed reproduce the same model."
 
     out: str = "weights/nanopali-shapes"  # the model folder written at the end (checkpoints and log go beside it)
     seed: int = 0
-    steps: int = 12_000
+    pretrain_steps: int = 2000  # stage 0: the vision tower alone, on patch targets (8.6)
+    pretrain_batch_size: int = 64
+    pretrain_lr: float = 3e-3
+    steps: int = 8000  # stage 1: the whole model on the PaliGemma tasks
     batch_size: int = 32
     lr: float = 1e-3  # Gemma's side
-    vision_lr: float = 2e-3  # SigLIP and the projector learn faster with a higher rate
-    warmup: int = 300  # steps of linear warm-up
+    vision_lr: float = 1e-3  # SigLIP and the projector
+    warmup: int = 300  # steps of linear warm-up (of each stage)
     final_lr_fraction: float = 0.1  # cosine decay down to this fraction of the peak
     weight_decay: float = 0.01
     clip: float = 1.0  # gradient norm clipping
@@ -267,12 +339,12 @@ class TrainConfig:
     log_every: int = 25
 
 
-def learning_rate_factor(step: int, cfg: TrainConfig) -> float:
-    "Linear warm-up, then cosine decay from 1 to final_lr_fraction."
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.final_lr_fraction + (1 - cfg.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+def learning_rate_factor(step: int, steps: int, warmup: int, final_fraction: float) -> float:
+    "Linear warm-up over `warmup` steps, then cosine decay from 1 to final_fraction at `steps`."
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def save_checkpoint(path: Path, **state):
@@ -293,32 +365,51 @@ def build(cfg: TrainConfig):
     return model, processor
 
 
+def adamw(named_parameters, lr_of, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with one group per (part, decays): lr_of(name) gives a parameter's part and rate; weight decay on
+    weight matrices only (norms, biases and embedding tables are exempt)."""
+    groups = {}
+    for name, p in named_parameters:
+        part, lr = lr_of(name)
+        decays = p.ndim >= 2 and "embed" not in name
+        groups.setdefault((part, lr, decays), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "part": part, "lr": lr, "weight_decay": cfg.weight_decay if decays else 0.0}
+         for (part, lr, decays), ps in groups.items()],
+        betas=(0.9, 0.95))  # 0.95: Adam's running scale of each gradient adapts faster than at the default 0.999
+
+
 def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
-    """Train the small PaliGemma; returns (model, processor). Writes <out>.checkpoint.pt every checkpoint_every
-    steps, <out>.log.jsonl as it goes, and the final model folder <out> (with its log) at the end."""
+    """Train the small PaliGemma: pre-train the vision tower (cfg.pretrain_steps), then the whole model (cfg.steps).
+    Returns (model, processor). Writes <out>.checkpoint.pt every checkpoint_every steps and <out>.log.jsonl as it
+    goes; steps are counted across both stages."""
     out = Path(cfg.out)
     checkpoint, log_path = out.with_name(out.name + ".checkpoint.pt"), out.with_name(out.name + ".log.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     model, processor = build(cfg)
-    groups = {}  # (part, decays) -> parameters
-    for name, p in model.named_parameters():
-        part = "vision" if name.startswith(("vision_tower", "multi_modal_projector")) else "text"
-        decays = p.ndim >= 2 and "embed" not in name  # no decay for norms, biases and the embedding tables
-        groups.setdefault((part, decays), []).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": ps, "part": part, "lr": cfg.vision_lr if part == "vision" else cfg.lr,
-          "weight_decay": cfg.weight_decay if decays else 0.0} for (part, decays), ps in groups.items()],
-        betas=(0.9, 0.95))  # 0.95: Adam's running scale of each gradient adapts faster than at the default 0.999
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, cfg))
+    probe = PatchProbe(model.config.vision.hidden_size)  # stage 0's read-out, thrown away afterwards
+    torch.nn.init.normal_(probe.proj.weight, std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
+    torch.nn.init.zeros_(probe.proj.bias)
+    tower = model.vision_tower
+    pre_optimizer = adamw([*tower.named_parameters(), *probe.named_parameters()],
+                          lambda name: ("vision", cfg.pretrain_lr), cfg)
+    optimizer = adamw(model.named_parameters(), lambda name: (
+        ("vision", cfg.vision_lr) if name.startswith(("vision_tower", "multi_modal_projector")) else ("text", cfg.lr)),
+        cfg)
+    pre_scheduler = torch.optim.lr_scheduler.LambdaLR(pre_optimizer, lambda step: learning_rate_factor(
+        step, cfg.pretrain_steps, min(cfg.warmup, cfg.pretrain_steps), cfg.final_lr_fraction))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
+        step, cfg.steps, cfg.warmup, cfg.final_lr_fraction))
+    parts = dict(model=model, probe=probe, pre_optimizer=pre_optimizer, optimizer=optimizer,
+                 pre_scheduler=pre_scheduler, scheduler=scheduler)
     start_step, elapsed = 0, 0.0
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         if state["config"] != asdict(cfg):
             raise ValueError(f"{checkpoint} belongs to another run ({state['config']}): remove it or use the same "
                              "settings")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
         start_step, elapsed = state["step"], state["elapsed"]
         if log_path.exists():  # keep the log up to the checkpoint: later lines are redone by this run
             kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
@@ -327,42 +418,58 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
         log_path.unlink()  # a fresh run starts a fresh log
 
     model.train()
-    bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, disable=not progress,
-               desc="training", unit="step")
+    total = cfg.pretrain_steps + cfg.steps
+    bar = tqdm(range(start_step, total), initial=start_step, total=total, disable=not progress, desc="training",
+               unit="step")
     window, started = [], time.perf_counter() - elapsed
     with open(log_path, "a") as log:
         for step in bar:
             t0 = time.perf_counter()  # the time of a step includes drawing its scenes
-            used_lr = {group["part"]: group["lr"] for group in optimizer.param_groups}
-            batch = make_batch(processor, cfg.seed, step, cfg.batch_size, cfg.image_size)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                               batch["token_type_ids"])
-            loss = suffix_loss(logits, batch["labels"])
+            pretraining = step < cfg.pretrain_steps
+            opt, sched = (pre_optimizer, pre_scheduler) if pretraining else (optimizer, scheduler)
+            used_lr = {group["part"]: group["lr"] for group in opt.param_groups}
+            scores = {}
+            if pretraining:  # stage 0: the vision tower and the probe, on what every patch shows
+                pixel_values, targets = make_pretrain_batch(processor, cfg.seed, step, cfg.pretrain_batch_size,
+                                                            model.config.vision.patch_size)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    predicted = probe(tower(pixel_values))
+                loss, scores = probe_loss(predicted, targets)
+                examples = cfg.pretrain_batch_size
+            else:  # stage 1: the whole model, on the PaliGemma tasks, loss on the answers only
+                batch = make_batch(processor, cfg.seed, step - cfg.pretrain_steps, cfg.batch_size, cfg.image_size)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
+                                   batch["token_type_ids"])
+                loss = suffix_loss(logits, batch["labels"])
+                examples = cfg.batch_size
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.append((loss.item(), time.perf_counter() - t0))
-            last = step + 1 == cfg.steps
-            if (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.eval_every == 0 or last:
-                mean_loss = sum(w[0] for w in window) / len(window)
-                speed = cfg.batch_size * len(window) / sum(w[1] for w in window)
-                record = {"step": step + 1, "loss": round(mean_loss, 4), "lr_vision": used_lr["vision"],
-                          "lr_text": used_lr["text"],
-                          "samples_per_s": round(speed, 1), "minutes": round((time.perf_counter() - started) / 60, 2)}
-                if (step + 1) % cfg.eval_every == 0 or last:
+            torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], cfg.clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            window.append((loss.item(), scores, examples, time.perf_counter() - t0))
+            stage_end = step + 1 in (cfg.pretrain_steps, total)
+            evaluating = not pretraining and ((step + 1 - cfg.pretrain_steps) % cfg.eval_every == 0 or stage_end)
+            if (step + 1) % cfg.log_every == 0 or evaluating or stage_end:
+                record = {"step": step + 1, "stage": "pretrain" if pretraining else "tasks",
+                          "loss": round(sum(w[0] for w in window) / len(window), 4)}
+                for key in window[-1][1]:  # the probe's scores, averaged over the window
+                    record[key] = round(sum(w[1][key] for w in window) / len(window), 4)
+                record.update({f"lr_{part}": lr for part, lr in used_lr.items()})
+                record["samples_per_s"] = round(sum(w[2] for w in window) / sum(w[3] for w in window), 1)
+                record["minutes"] = round((time.perf_counter() - started) / 60, 2)
+                if evaluating:
                     record["eval"] = {k: round(v, 3) for k, v in evaluate(model, processor, cfg.eval_scenes).items()}
                     model.train()
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{mean_loss:.3f}", samples_per_s=f"{speed:.0f}")
+                bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
+                                samples_per_s=f"{record['samples_per_s']:.0f}")
                 window = []
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-                save_checkpoint(checkpoint, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict(), step=step + 1, config=asdict(cfg),
-                                elapsed=time.perf_counter() - started)
+            if (step + 1) % cfg.checkpoint_every == 0 or stage_end:
+                save_checkpoint(checkpoint, **{name: part.state_dict() for name, part in parts.items()},
+                                step=step + 1, config=asdict(cfg), elapsed=time.perf_counter() - started)
     model.eval()
     return model, processor
 

@@ -111,8 +111,8 @@ def test_loss_averages_per_sequence():
 
 
 def tiny_run(folder, steps, **changes):
-    settings = dict(out=str(folder / "model"), steps=steps, batch_size=4, warmup=5, eval_every=10_000,
-                    eval_scenes=2, checkpoint_every=5, log_every=5)
+    settings = dict(out=str(folder / "model"), pretrain_steps=0, pretrain_batch_size=4, steps=steps, batch_size=4,
+                    warmup=5, eval_every=10_000, eval_scenes=2, checkpoint_every=5, log_every=5)
     return TrainConfig(**{**settings, **changes})
 
 
@@ -120,16 +120,19 @@ def interrupt_after(steps, cfg, monkeypatch):
     "Run cfg and stop it as Ctrl-C would, when the step after `steps` asks for its batch."
     import nanopali.train as t
 
-    original, calls = t.make_batch, {"n": 0}
+    calls = {"n": 0}
 
-    def stop(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > steps:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
+    def stopping(original):
+        def stop(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > steps:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+        return stop
 
     with monkeypatch.context() as patch:
-        patch.setattr(t, "make_batch", stop)
+        patch.setattr(t, "make_batch", stopping(t.make_batch))
+        patch.setattr(t, "make_pretrain_batch", stopping(t.make_pretrain_batch))
         with pytest.raises(KeyboardInterrupt):
             train(cfg, progress=False)
 
@@ -142,16 +145,17 @@ def test_a_few_steps_lower_the_loss(tmp_path):
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch):
-    "Stop a run after 5 of its 10 steps (as Ctrl-C would), start it again: same weights as never stopping."
-    whole, _ = train(tiny_run(tmp_path / "a", 10), progress=False)
-    partial = tiny_run(tmp_path / "b", 10)
+    """Stop a run after 5 of its 3 + 7 steps (as Ctrl-C would: in its second stage), start it again: same weights as
+    never stopping."""
+    whole, _ = train(tiny_run(tmp_path / "a", 7, pretrain_steps=3), progress=False)
+    partial = tiny_run(tmp_path / "b", 7, pretrain_steps=3)
     interrupt_after(5, partial, monkeypatch)
     assert torch.load(tmp_path / "b" / "model.checkpoint.pt", weights_only=False)["step"] == 5
     resumed, _ = train(partial, progress=False)
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "model.log.jsonl")]
-    assert steps == [5, 10]
+    records = [json.loads(line) for line in open(tmp_path / "b" / "model.log.jsonl")]
+    assert [(r["step"], r["stage"]) for r in records] == [(3, "pretrain"), (5, "tasks"), (10, "tasks")]
 
 
 def test_resuming_drops_log_lines_after_the_checkpoint(tmp_path, monkeypatch):
