@@ -135,12 +135,14 @@ def make_tokenizer(seed: int = 0):
 
 
 def task_texts(rng: np.random.Generator, n: int = 3000, image_size: int = 112) -> list[str]:
-    "Prompts and answers of n random examples, to learn the tokenizer's pieces from (location tokens left out)."
+    """Prompts and answers of n random examples, to learn the tokenizer's pieces from (location tokens left out).
+    The '?' is kept apart, so that no piece 'circle?' is learned: the question names a shape with the same token as
+    the captions do."""
     texts = list(SHAPES) + sorted(COLOURS) + list(SIZES)
     for _ in range(n):
         _, objects = make_scene(rng, image_size)
         prefix, suffix = make_task(str(rng.choice(TASKS)), objects, rng, image_size)
-        texts += [prefix, re.sub(r"<loc\d{4}>", "", suffix)]
+        texts += [prefix.replace("?", " ?"), re.sub(r"<loc\d{4}>", "", suffix)]
     return texts
 
 
@@ -219,32 +221,41 @@ def iou(a, b) -> float:
 EVAL_SEED = 987_654_321  # held-out scenes: a seed the training never uses (it uses [seed, step])
 
 
-def evaluate(model, processor, num_scenes: int = 600, seed: int = EVAL_SEED, batch_size: int = 96) -> dict:
-    """Greedy answers on num_scenes held-out scenes, one question of each task per scene. Exact-match accuracy per
-    task; for detection, the share of requested objects found with the right name and IoU > 0.5."""
-    image_size = processor.image_size[0]
+def held_out_examples(num_scenes: int, image_size: int = 112, seed: int = EVAL_SEED) -> list[tuple]:
+    "(task, image, prefix, suffix) for one question of each task about each of num_scenes held-out scenes."
     examples = []
     for i in range(num_scenes):
         rng = np.random.default_rng([seed, i])
         image, objects = make_scene(rng, image_size)
-        for task in TASKS:
-            prefix, suffix = make_task(task, objects, rng, image_size)
-            examples.append((task, image, prefix, suffix, objects))
+        examples += [(task, image, *make_task(task, objects, rng, image_size)) for task in TASKS]
+    return examples
+
+
+def score(task: str, answer: str, suffix: str, image_size: int) -> tuple[int, int]:
+    """(right, asked) for one answer: exact match, or for detection the requested objects found with the right name
+    and IoU > 0.5."""
+    if task != "detect":
+        return int(answer.strip() == suffix), 1
+    predicted = parse_detections(answer, image_size)
+    wanted = parse_detections(suffix, image_size)
+    return sum(any(n == name and iou(b, box) > 0.5 for n, b in predicted) for name, box in wanted), len(wanted)
+
+
+def evaluate(model, processor, num_scenes: int = 600, seed: int = EVAL_SEED, batch_size: int = 96) -> dict:
+    """Greedy answers on num_scenes held-out scenes, one question of each task per scene. Exact-match accuracy per
+    task; for detection, the share of requested objects found with the right name and IoU > 0.5."""
+    image_size = processor.image_size[0]
+    examples = held_out_examples(num_scenes, image_size, seed)
     right, total = {t: 0 for t in TASKS}, {t: 0 for t in TASKS}
     was_training = model.training
     model.eval()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         answers = generate(model, processor, [e[1] for e in chunk], [e[2] for e in chunk], max_new_tokens=40)
-        for (task, _, _, suffix, _), answer in zip(chunk, answers):
-            if task != "detect":
-                right[task] += answer.strip() == suffix
-                total[task] += 1
-                continue
-            predicted = parse_detections(answer, image_size)
-            for name, box in parse_detections(suffix, image_size):  # each requested object
-                total[task] += 1
-                right[task] += any(n == name and iou(b, box) > 0.5 for n, b in predicted)
+        for (task, _, _, suffix), answer in zip(chunk, answers):
+            got, asked = score(task, answer, suffix, image_size)
+            right[task] += got
+            total[task] += asked
     model.train(was_training)
     return {t: right[t] / max(total[t], 1) for t in TASKS}
 
@@ -274,17 +285,37 @@ def patch_targets(image, objects, patch_size: int = 14) -> dict:
     return {"shape": torch.from_numpy(shape), "colour": torch.from_numpy(colour), "box": torch.from_numpy(box)}
 
 
+def word_ids(tokenizer, words) -> torch.Tensor:
+    "(len(words), 2): the ids of each word's two tokens, 'red' (starting an answer) and '▁red' (after a space)."
+    ids = [[tokenizer.token_to_id(word), tokenizer.token_to_id("▁" + word)] for word in words]
+    missing = [w for w, pair in zip(words, ids) if None in pair]
+    if missing:
+        raise ValueError(f"the tokenizer has no single token for {missing}: learn it from texts that use them")
+    return torch.tensor(ids)
+
+
 class PatchProbe(torch.nn.Module):
-    "A linear read-out of the vision tower's patch vectors: shape and colour logits and a box per patch."
+    """Stage 0's read-out. Shape and colour are scored against Gemma's own word embeddings: each patch's vector goes
+    through the projector (into Gemma's space) and is compared, by dot product, with the embeddings of 'circle',
+    'square', ... and 'red', 'green', ... (and a learned 'background' vector). The box is read by a linear layer."""
 
-    def __init__(self, hidden_size: int):
+    def __init__(self, vision_hidden: int, text_hidden: int, tokenizer):
         super().__init__()
-        self.sizes = (1 + len(SHAPES), 1 + len(COLOURS), 4)
-        self.proj = torch.nn.Linear(hidden_size, sum(self.sizes))
+        self.register_buffer("shape_ids", word_ids(tokenizer, SHAPES), persistent=False)
+        self.register_buffer("colour_ids", word_ids(tokenizer, sorted(COLOURS)), persistent=False)
+        self.background = torch.nn.Parameter(torch.zeros(2, text_hidden))  # for shape, for colour
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))  # a learned temperature, as SigLIP's
+        self.box = torch.nn.Linear(vision_hidden, 4)
 
-    def forward(self, features: torch.Tensor) -> dict:
-        shape, colour, box = self.proj(features).float().split(self.sizes, dim=-1)
-        return {"shape": shape, "colour": colour, "box": box}
+    def forward(self, model, features: torch.Tensor) -> dict:
+        "features: the vision tower's output (B, N, vision_hidden); model: the PaliGemma whose parts are trained."
+        words = model.language_model.model.embed_tokens.weight
+        image_tokens = model.multi_modal_projector(features).float()  # (B, N, text_hidden)
+        scores = {}
+        for i, (kind, ids) in enumerate((("shape", self.shape_ids), ("colour", self.colour_ids))):
+            table = torch.cat([self.background[i:i + 1], words[ids].mean(1)])  # (1 + classes, text_hidden)
+            scores[kind] = image_tokens @ table.float().T * self.log_scale.exp()
+        return {**scores, "box": self.box(features).float()}
 
 
 def probe_loss(predicted: dict, targets: dict) -> tuple[torch.Tensor, dict]:
@@ -321,13 +352,13 @@ class TrainConfig:
 
     out: str = "weights/nanopali-shapes"  # the model folder written at the end (checkpoints and log go beside it)
     seed: int = 0
-    pretrain_steps: int = 2000  # stage 0: the vision tower alone, on patch targets (8.6)
+    pretrain_steps: int = 2500  # stage 0: the vision tower and projector, on patch targets (8.6)
     pretrain_batch_size: int = 64
     pretrain_lr: float = 3e-3
-    steps: int = 8000  # stage 1: the whole model on the PaliGemma tasks
+    steps: int = 7500  # stage 1: the whole model on the PaliGemma tasks
     batch_size: int = 32
     lr: float = 1e-3  # Gemma's side
-    vision_lr: float = 1e-3  # SigLIP and the projector
+    vision_lr: float = 5e-4  # SigLIP and the projector: pre-trained, so changed more gently
     warmup: int = 300  # steps of linear warm-up (of each stage)
     final_lr_fraction: float = 0.1  # cosine decay down to this fraction of the peak
     weight_decay: float = 0.01
@@ -387,12 +418,13 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
     checkpoint, log_path = out.with_name(out.name + ".checkpoint.pt"), out.with_name(out.name + ".log.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     model, processor = build(cfg)
-    probe = PatchProbe(model.config.vision.hidden_size)  # stage 0's read-out, thrown away afterwards
-    torch.nn.init.normal_(probe.proj.weight, std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
-    torch.nn.init.zeros_(probe.proj.bias)
+    probe = PatchProbe(model.config.vision.hidden_size, model.config.text.hidden_size, processor.tokenizer)
+    torch.nn.init.normal_(probe.box.weight, std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
+    torch.nn.init.zeros_(probe.box.bias)
     tower = model.vision_tower
-    pre_optimizer = adamw([*tower.named_parameters(), *probe.named_parameters()],
-                          lambda name: ("vision", cfg.pretrain_lr), cfg)
+    pre_optimizer = adamw([*tower.named_parameters(), *model.multi_modal_projector.named_parameters(),
+                           *model.language_model.model.embed_tokens.named_parameters(prefix="embed_tokens"),
+                           *probe.named_parameters()], lambda name: ("vision", cfg.pretrain_lr), cfg)
     optimizer = adamw(model.named_parameters(), lambda name: (
         ("vision", cfg.vision_lr) if name.startswith(("vision_tower", "multi_modal_projector")) else ("text", cfg.lr)),
         cfg)
@@ -433,7 +465,7 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
                 pixel_values, targets = make_pretrain_batch(processor, cfg.seed, step, cfg.pretrain_batch_size,
                                                             model.config.vision.patch_size)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
-                    predicted = probe(tower(pixel_values))
+                    predicted = probe(model, tower(pixel_values))
                 loss, scores = probe_loss(predicted, targets)
                 examples = cfg.pretrain_batch_size
             else:  # stage 1: the whole model, on the PaliGemma tasks, loss on the answers only

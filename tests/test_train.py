@@ -8,6 +8,7 @@ import torch
 
 from nanopali.train import (
     COLOURS,
+    SHAPES,
     TASKS,
     TrainConfig,
     caption,
@@ -16,6 +17,8 @@ from nanopali.train import (
     make_scene,
     make_task,
     parse_detections,
+    patch_targets,
+    probe_loss,
     save_checkpoint,
     suffix_loss,
     train,
@@ -198,9 +201,9 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path):
 
 def test_the_command_line_trains_evaluates_and_saves(tmp_path):
     out = tmp_path / "shapes"
-    result = run_python("-m", "nanopali.train", "--out", str(out), "--steps", "6", "--batch-size", "4",
-                        "--warmup", "2", "--eval-scenes", "2", "--eval-every", "1000", "--checkpoint-every", "3",
-                        "--final-eval-scenes", "3")
+    result = run_python("-m", "nanopali.train", "--out", str(out), "--pretrain-steps", "2", "--pretrain-batch-size",
+                        "4", "--steps", "6", "--batch-size", "4", "--warmup", "2", "--eval-scenes", "2",
+                        "--eval-every", "1000", "--checkpoint-every", "3", "--final-eval-scenes", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out accuracy on 3 scenes" in result.stdout
     scores = json.loads((out / "eval.json").read_text())
@@ -208,3 +211,45 @@ def test_the_command_line_trains_evaluates_and_saves(tmp_path):
     import nanopali
     model, processor = nanopali.load(out)
     assert len(nanopali.generate(model, processor, [IMAGES / "chelsea.png"], ["caption en"], max_new_tokens=3)) == 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_patch_targets_agree_with_the_drawing(seed):
+    """Every patch labelled with an object holds at least a tenth of its pixels in that object's colour, with the
+    object's shape, colour and box; a background patch holds less than a tenth of any object."""
+    image, objects = make_scene(np.random.default_rng([seed, 5]))
+    targets = patch_targets(image, objects, 14)
+    pixels = np.asarray(image)
+    for patch in range(64):
+        block = pixels[patch // 8 * 14:(patch // 8 + 1) * 14, patch % 8 * 14:(patch % 8 + 1) * 14]
+        share = [(block == COLOURS[o.colour]).all(-1).mean() for o in objects]
+        if targets["shape"][patch] == 0:
+            assert max(share) < 0.1 and targets["colour"][patch] == 0 and not targets["box"][patch].any()
+            continue
+        o = objects[int(np.argmax(share))]
+        assert max(share) >= 0.1
+        assert SHAPES[targets["shape"][patch] - 1] == o.shape
+        assert sorted(COLOURS)[targets["colour"][patch] - 1] == o.colour
+        torch.testing.assert_close(targets["box"][patch], torch.tensor(o.box, dtype=torch.float32) / 112)
+    assert (targets["shape"] > 0).sum() >= len(objects)  # every object owns at least one patch
+
+
+def test_probe_loss_ignores_boxes_on_background():
+    image, objects = make_scene(np.random.default_rng(3))
+    targets = {k: v[None] for k, v in patch_targets(image, objects, 14).items()}
+    predicted = {"shape": torch.randn(1, 64, 1 + len(SHAPES)), "colour": torch.randn(1, 64, 1 + len(COLOURS)),
+                 "box": torch.rand(1, 64, 4)}
+    loss, scores = probe_loss(predicted, targets)
+    moved = {**predicted, "box": predicted["box"].clone()}
+    moved["box"][targets["shape"] == 0] += 5.0
+    assert torch.equal(probe_loss(moved, targets)[0], loss)
+    moved["box"][targets["shape"] != 0] += 0.1
+    assert probe_loss(moved, targets)[0] > loss
+    assert set(scores) == {"patch_shape", "patch_colour", "box_error"}
+
+
+def test_pretraining_lowers_the_probe_loss(tmp_path):
+    train(tiny_run(tmp_path, 0, pretrain_steps=40, pretrain_batch_size=8, log_every=5), progress=False)
+    records = [json.loads(line) for line in open(tmp_path / "model.log.jsonl")]
+    assert {r["stage"] for r in records} == {"pretrain"}
+    assert records[-1]["loss"] < 0.6 * records[0]["loss"]

@@ -1,0 +1,59 @@
+"""The small PaliGemma shipped in weights/ (lesson 08): complete, read alike by nanopali and transformers, and its
+recorded score is what it really scores."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import nanopali
+from nanopali.train import TASKS, TrainConfig, evaluate, held_out_examples, score
+
+from conftest import REPO
+
+SHIPPED = REPO / "weights" / "nanopali-shapes"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return nanopali.load(SHIPPED, dtype="float32")
+
+
+def test_the_folder_is_complete_and_small():
+    names = {f.name for f in SHIPPED.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json", "eval.json",
+            "train_log.jsonl"} <= names
+    assert sum(f.stat().st_size for f in SHIPPED.iterdir()) < 20 * 2**20
+
+
+def test_transformers_gives_the_same_greedy_answers(shipped):
+    model, processor = shipped
+    examples = held_out_examples(4)  # 24 questions: each task 4 times
+    images, prompts = [e[1] for e in examples], [e[2] for e in examples]
+    got = nanopali.generate(model, processor, images, prompts, max_new_tokens=40)
+
+    reference = transformers.PaliGemmaForConditionalGeneration.from_pretrained(SHIPPED, dtype=torch.float32).eval()
+    inputs = processor(images, prompts)
+    out = reference.generate(**inputs, max_new_tokens=40, do_sample=False, pad_token_id=0, eos_token_id=1)
+    expected = [processor.decode(row) for row in out[:, inputs["input_ids"].shape[1]:]]
+    assert got == expected
+    right, asked = map(sum, zip(*(score(e[0], a, e[3], 112) for e, a in zip(examples, got))))
+    assert right >= 0.7 * asked, f"the shipped model got only {right} of {asked} held-out answers right"
+
+
+def test_the_recorded_score_is_the_real_one(shipped):
+    model, processor = shipped
+    recorded = json.loads((SHIPPED / "eval.json").read_text())
+    assert set(recorded) == set(TASKS)
+    assert evaluate(model, processor, 600) == recorded
+
+
+def test_the_log_is_of_the_default_run():
+    cfg = TrainConfig()
+    records = [json.loads(line) for line in open(SHIPPED / "train_log.jsonl")]
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps) and steps[-1] == cfg.pretrain_steps + cfg.steps
+    assert [r["stage"] for r in records] == sorted((r["stage"] for r in records), key=["pretrain", "tasks"].index)
+    evals = [r["step"] - cfg.pretrain_steps for r in records if "eval" in r]
+    assert evals == list(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every))
