@@ -56,4 +56,4 @@ def test_the_log_is_of_the_default_run():
     assert steps == sorted(steps) and steps[-1] == cfg.pretrain_steps + cfg.steps
     assert [r["stage"] for r in records] == sorted((r["stage"] for r in records), key=["pretrain", "tasks"].index)
     evals = [r["step"] - cfg.pretrain_steps for r in records if "eval" in r]
-    assert evals == list(range(cfg.eval_every, cfg.steps + 1, cfg.eval_every))
+    assert evals == [*range(cfg.eval_every, cfg.steps, cfg.eval_every), cfg.steps]  # and at the very end

@@ -238,7 +238,7 @@ def test_probe_loss_ignores_boxes_on_background():
     image, objects = make_scene(np.random.default_rng(3))
     targets = {k: v[None] for k, v in patch_targets(image, objects, 14).items()}
     predicted = {"shape": torch.randn(1, 64, 1 + len(SHAPES)), "colour": torch.randn(1, 64, 1 + len(COLOURS)),
-                 "box": torch.rand(1, 64, 4)}
+                 "box": targets["box"] + 0.01}
     loss, scores = probe_loss(predicted, targets)
     moved = {**predicted, "box": predicted["box"].clone()}
     moved["box"][targets["shape"] == 0] += 5.0
