@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .bridge import LOC_TOKENS, PaliGemmaProcessor, build_tokenizer
 from .decoder import GemmaConfig
 from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration, generate, save
-from .patches import SiglipVisionConfig, preprocess_images
+from .patches import SiglipVisionConfig, patchify, preprocess_images
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 200, 20),
@@ -268,16 +268,15 @@ def patch_targets(image, objects, patch_size: int = 14) -> dict:
     (0 background, 1 + index in sorted COLOURS) and `box`, the (y_min, x_min, y_max, x_max) of the object covering
     most of the patch, as fractions of the image side (zeros on background)."""
     pixels = np.asarray(image)
-    side, grid = pixels.shape[0], pixels.shape[0] // patch_size
+    side = pixels.shape[0]
     owner = np.full(pixels.shape[:2], -1)
     for i, o in enumerate(objects):
         owner[(pixels == COLOURS[o.colour]).all(-1)] = i  # exact colour: the object's own pixels
-    blocks = owner[:grid * patch_size, :grid * patch_size].reshape(grid, patch_size, grid, patch_size)
-    blocks = blocks.transpose(0, 2, 1, 3).reshape(grid * grid, patch_size * patch_size)
+    blocks = patchify(torch.from_numpy(owner)[None, None], patch_size)[0].numpy()  # lesson 01's cut, (N, P * P)
     counts = np.stack([(blocks == i).sum(1) for i in range(len(objects))], axis=1)  # (patches, objects)
     covered = counts.max(1) >= patch_size * patch_size / 10
-    shape, colour = np.zeros(grid * grid, dtype=np.int64), np.zeros(grid * grid, dtype=np.int64)
-    box = np.zeros((grid * grid, 4), dtype=np.float32)
+    shape, colour = np.zeros(len(blocks), dtype=np.int64), np.zeros(len(blocks), dtype=np.int64)
+    box = np.zeros((len(blocks), 4), dtype=np.float32)
     for patch in np.flatnonzero(covered):
         o = objects[counts[patch].argmax()]
         shape[patch], colour[patch] = 1 + SHAPES.index(o.shape), 1 + sorted(COLOURS).index(o.colour)
