@@ -144,9 +144,11 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
 def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     token_type_ids: torch.Tensor | None = None, max_new_tokens: int = 20, do_sample: bool = False,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, use_cache: bool = True) -> torch.Tensor:
+                    seed: int | None = None, use_cache: bool = True, return_attention: bool = False):
     """Continue the embedded prompt (B, L, D); returns the new token ids (B, n), n <= max_new_tokens, with <pad>
-    after a row's <eos>. attention_mask and token_type_ids (B, L) default to no padding and all causal."""
+    after a row's <eos>. attention_mask and token_type_ids (B, L) default to no padding and all causal.
+    return_attention: return (ids, rows) instead, rows[j] (B, layers, heads, L + j) float32 being the attention of
+    the position whose logits chose new token j."""
     config = model.config
     B, L, _ = inputs_embeds.shape
     if L == 0:
@@ -169,8 +171,19 @@ def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attent
     one = torch.ones(B, 1, dtype=torch.long, device=device)
 
     cache = KVCache(config, B, L + max_new_tokens, inputs_embeds.dtype, device) if use_cache else None
-    logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                   kv_cache=cache, last_only=True)  # prefill: (B, 1, vocab)
+    rows = []  # return_attention: the attention of the last position of each forward pass
+
+    def forward(embeds, kv_cache):
+        "Logits of the last position (B, 1, vocab), for the mask and token types as they are now."
+        out = model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                    kv_cache=kv_cache, last_only=True, return_attention=return_attention)
+        if not return_attention:
+            return out
+        logits, weights = out  # weights: one (B, H, L_new, T) per layer
+        rows.append(torch.stack([w[:, :, -1] for w in weights], dim=1).float())  # (B, layers, H, T)
+        return logits
+
+    logits = forward(inputs_embeds, cache)  # prefill: (B, 1, vocab)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -184,10 +197,9 @@ def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attent
         token_type_ids = torch.cat([token_type_ids, one], dim=1)  # ... and part of the suffix
         new_embeds = model.model.embed(token[:, None])  # (B, 1, D)
         if use_cache:  # decode: only the new token goes through the model
-            logits = model(inputs_embeds=new_embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                           kv_cache=cache, last_only=True)
+            logits = forward(new_embeds, cache)
         else:  # no cache: the whole sequence again, every step
             inputs_embeds = torch.cat([inputs_embeds, new_embeds], dim=1)
-            logits = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids, last_only=True)
-    return torch.stack(new_tokens, dim=1)  # (B, n)
+            logits = forward(inputs_embeds, None)
+    tokens = torch.stack(new_tokens, dim=1)  # (B, n)
+    return (tokens, rows) if return_attention else tokens

@@ -101,6 +101,30 @@ def test_generation_with_and_without_cache_is_the_same():
     assert torch.equal(with_cache, without)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_attention_returned_by_generation_equals_the_reference_attention(use_cache):
+    "Row j is the attention of the position that chose token j: the reference's, on the whole sequence at once."
+    ours, ref = twin(CONFIGS["grouped-query"])
+    input_ids, attention_mask = padded_prompts()
+    embeds = ours.model.embed(input_ids)
+    plain = generate_tokens(ours, embeds, attention_mask, max_new_tokens=6, use_cache=use_cache)
+    tokens, rows = generate_tokens(ours, embeds, attention_mask, max_new_tokens=6, use_cache=use_cache,
+                                   return_attention=True)
+    assert torch.equal(tokens, plain)
+    L, n = input_ids.shape[1], tokens.shape[1]
+    assert len(rows) == n
+    full_ids = torch.cat([input_ids, tokens], dim=1)
+    full_mask = torch.cat([attention_mask, torch.ones_like(tokens)], dim=1)
+    with torch.no_grad():
+        reference = ref(input_ids=full_ids, attention_mask=full_mask, output_attentions=True).attentions
+    for j, row in enumerate(rows):
+        assert row.shape == (2, ours.config.num_hidden_layers, ours.config.num_attention_heads, L + j)
+        assert row.dtype == torch.float32
+        torch.testing.assert_close(row.sum(-1), torch.ones(row.shape[:-1]), atol=1e-6, rtol=0)
+        expected = torch.stack([a[:, :, L - 1 + j, : L + j] for a in reference], dim=1)
+        torch.testing.assert_close(row, expected, atol=ATOL, rtol=0)
+
+
 def test_generation_stops_at_eos_and_pads_finished_rows():
     ours, _ = twin(CONFIGS["multi-query"])
     with torch.no_grad():  # make <eos> (id 1) the best next token after token 305 only
