@@ -1,87 +1,166 @@
-"""The command line: `python -m nanopali --image PATH`.
+"""The command line: `python -m nanopali --image PATH`, ask anything about an image.
 
-Hand-written (no notebook exports it). It runs whatever the course has built so
-far on a photo and says what it did. Today that is lessons 01 and 02: the photo
-becomes pixel values, patches, patch embeddings and SigLIP image features, at the
-real model's shapes but with random weights. When the whole model exists, this
-becomes the "ask anything about this image" demo.
+Hand-written (no notebook exports it): lesson 07's `load` and `generate`, and lesson 09's boxes and attention maps,
+behind a prompt. Without --weights it runs the small model lesson 08 trained (weights/nanopali-shapes); with
+--weights DIR it runs any PaliGemma 1 folder, such as a real checkpoint downloaded into weights/.
 """
 
 import argparse
+import os
 import sys
 import time
+from pathlib import Path
 
-# the sizes PaliGemma ships: 224, 448 and 896 pixel images
-SIZES = (224, 448, 896)
+SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "nanopali-shapes"
+# the first words of PaliGemma's prompts; anything else is asked as a question, "answer en ..."
+TASK_WORDS = ("caption", "describe", "answer", "question", "detect", "segment", "ocr")
+PICTURE_TYPES = (".png", ".jpg", ".jpeg")
+
+EXAMPLES = """examples:
+  python -m nanopali --image images/scene.png
+      the shipped model; asks "Ask anything:" until an empty line or Ctrl-D
+  python -m nanopali --image images/scene.png --prompt "what color is the star?" --attention-map attention.png
+  python -m nanopali --image images/scene.png --prompt "detect star ; circle" --boxes boxes.png
+  python -m nanopali --weights weights/paligemma-3b-mix-224 --image images/chelsea.png --prompt "caption en"
+
+prompts: PaliGemma's task prompts, "caption en", "answer en QUESTION", "detect THING ; OTHER", ... Anything that
+does not start with a task word is asked as "answer en ...". The shipped model knows scenes of coloured shapes:
+"caption en", "what color is the star?", "what shape is the red one?", "how many shapes are there?",
+"is there a circle?", "detect star ; circle"."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    "argparse, but a bad command line gets one line (and exit status 2), not the usage text."
+
+    def error(self, message):
+        self.exit(2, f"nanopali: error: {message} (see python -m nanopali --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m nanopali",
-        description="Run what nanopali has built so far on an image: today, lesson 01's preprocessing and "
-                    "patch embeddings and lesson 02's SigLIP vision tower, at the shapes of the real PaliGemma "
-                    "(random weights: the trained model arrives with lesson 08).",
-    )
-    parser.add_argument("--image", required=True, help="path of an image file (jpg, png, ...), e.g. images/chelsea.png")
-    parser.add_argument("--size", type=int, default=224, choices=SIZES, help="model image size in pixels (default 224)")
+        description="Ask a PaliGemma model about an image: the small model the course trained (default) or a real "
+                    "checkpoint folder. Prints the device, the load time, each answer and its generation time.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=Path, default=SHIPPED, metavar="DIR",
+                        help="a PaliGemma folder in the Hugging Face layout (default: the shipped "
+                             "weights/nanopali-shapes)")
+    parser.add_argument("--image", required=True, type=Path, metavar="PATH", help="the image: a jpg, png, ... file")
+    parser.add_argument("--prompt", metavar="TEXT",
+                        help="answer this prompt once and exit (default: ask 'Ask anything:' in a loop)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
+                        help="the longest answer, in tokens (default 32)")
+    parser.add_argument("--sample", action="store_true", help="sample the answer instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
+    parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens reaching P")
+    parser.add_argument("--seed", type=int, help="seed for sampling, to repeat a sampled answer")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:1, mps or auto (default: auto, the best available)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                        help="weights' type (default bfloat16; float16 only on a GPU)")
+    parser.add_argument("--attention-map", type=Path, metavar="OUT.png",
+                        help="write where each answer token looked in the image (lesson 09), averaged over all "
+                             "layers and heads")
+    parser.add_argument("--boxes", type=Path, metavar="OUT.png",
+                        help="for a 'detect ...' prompt: write the image with the boxes found")
     return parser
 
 
-def random_tower(config, seed: int = 0):
-    "The real-size SigLIP tower in bfloat16 with random weights, built without a float32 copy."
-    import torch
-
-    from .siglip import SiglipVisionModel
-
-    with torch.device("meta"):
-        tower = SiglipVisionModel(config)
-    tower = tower.to_empty(device="cpu").to(torch.bfloat16).eval()  # memory, not yet values
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in tower.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=generator)
-    return tower
+class UserError(Exception):
+    "Something the user can fix: reported in one line."
 
 
-def run(image_path: str, size: int) -> None:
-    import torch
+def check_arguments(args) -> None:
+    "Everything that can be checked before loading the model."
+    if not args.weights.is_dir():
+        hint = " (download a checkpoint into weights/: see the README)" if args.weights != SHIPPED else ""
+        raise UserError(f"weights folder {str(args.weights)!r} not found{hint}")
+    if not (args.weights / "config.json").is_file():
+        raise UserError(f"{args.weights} has no config.json: it is not a PaliGemma checkpoint folder")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UserError("the prompt is empty: give a question or a task, e.g. --prompt 'caption en'")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes)):
+        if path is None:
+            continue
+        if path.suffix.lower() not in PICTURE_TYPES:
+            raise UserError(f"{flag} {str(path)!r}: give a file name ending in .png or .jpg")
+        if not path.resolve().parent.is_dir():
+            raise UserError(f"{flag} {str(path)!r}: the folder {str(path.parent)!r} does not exist")
 
-    from .patches import SiglipVisionConfig, load_image, patchify, preprocess_images
 
+def as_prompt(text: str) -> str:
+    "A task prompt as it is; a plain question becomes 'answer en QUESTION'."
+    text = " ".join(text.split())
+    return text if text.split(" ", 1)[0].lower() in TASK_WORDS else f"answer en {text}"
+
+
+def ask(model, processor, image, prompt: str, args) -> None:
+    "Answer one prompt, print the answer and its time, write the requested pictures."
+    from .paligemma import generate
+    from .visualize import draw_attention, draw_boxes, generate_with_attention, parse_boxes
+
+    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed)
     start = time.perf_counter()
-    image = load_image(image_path)
-    print(f"image:       {image_path}: {image.width} x {image.height} pixels, mode {image.mode}")
+    if args.attention_map is not None:
+        answer = generate_with_attention(model, processor, image, prompt, args.max_new_tokens, **sampling)
+        text = answer.text
+    else:
+        text = generate(model, processor, [image], [prompt], args.max_new_tokens, **sampling)[0]
+    seconds = time.perf_counter() - start
+    print(text if text.strip() else "(an empty answer)")
+    print(f"  [{seconds:.2f} s]")
+    if args.attention_map is not None:
+        layers, heads = answer.image_attention.shape[1:3]
+        draw_attention(image, answer, path=args.attention_map)
+        print(f"  attention map ({layers} layers x {heads} heads, averaged): {args.attention_map}")
+    if args.boxes is not None:
+        detections, problems = parse_boxes(text, *image.size)
+        for problem in problems:
+            print(f"  could not read a box: {problem}")
+        if detections:
+            draw_boxes(image, detections).save(args.boxes)
+            print(f"  {len(detections)} box(es) drawn: {args.boxes}")
+        elif not problems:
+            print("  no boxes in this answer: ask 'detect THING' to get some")
 
-    pixel_values = preprocess_images([image], size=size)
-    lo, hi = pixel_values.min().item(), pixel_values.max().item()
-    print(f"pixels:      {tuple(pixel_values.shape)} float32 in [{lo:.2f}, {hi:.2f}] "
-          f"(RGB, bicubic resize to {size} x {size}, rescaled to [0, 1], normalised to [-1, 1])")
 
-    config = SiglipVisionConfig.so400m(image_size=size)
-    patches = patchify(pixel_values, config.patch_size)
-    print(f"patches:     {config.grid_size} x {config.grid_size} grid of {config.patch_size} x {config.patch_size} "
-          f"patches -> {tuple(patches.shape)}")
+def run(args) -> None:
+    check_arguments(args)
+    import torch
 
-    built = time.perf_counter()
-    tower = random_tower(config)
-    encoding = time.perf_counter()
-    with torch.inference_mode():
-        embeddings = tower.embeddings(pixel_values.to(torch.bfloat16))
-        features = tower(pixel_values.to(torch.bfloat16))
-    n_embed = sum(p.numel() for p in tower.embeddings.parameters())
-    n_params = sum(p.numel() for p in tower.parameters())
-    print(f"embeddings:  {tuple(embeddings.shape)} from SiglipVisionEmbeddings ({n_embed:,} parameters)")
-    print(f"features:    {tuple(features.shape)} from SiglipVisionModel, {len(tower.encoder.layers)} layers, "
-          f"{n_params:,} parameters in bfloat16 (built in {encoding - built:.1f} s, "
-          f"encoded in {time.perf_counter() - encoding:.2f} s)")
-    print("             (random weights: the numbers mean nothing yet, the shapes are the real model's)")
-    print(f"image tokens the language model would see: {config.num_patches}")
-    print(f"done in {time.perf_counter() - start:.1f} s. The lessons that build the rest: jupyter lab notebooks/")
+    from .paligemma import load, pick_device
+    from .patches import load_image
+
+    image = load_image(args.image)  # before the model: a wrong path fails in a second
+    device = pick_device(args.device)
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"device: {device} ({args.dtype}{threads})")
+    start = time.perf_counter()
+    model, processor = load(args.weights, device=device, dtype=args.dtype)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"model: {args.weights} ({count:,} parameters), loaded in {time.perf_counter() - start:.1f} s")
+    print(f"image: {args.image} ({image.width} x {image.height}, seen as {processor.image_size[1]} x "
+          f"{processor.image_size[0]})")
+    if args.prompt is not None:
+        ask(model, processor, image, as_prompt(args.prompt), args)
+        return
+    print("Ask about the image: 'caption en', 'detect THING', or any question. An empty line or Ctrl-D ends.")
+    while True:
+        try:
+            line = input("Ask anything: ")
+        except EOFError:
+            print()
+            return
+        if not line.strip():
+            return
+        try:
+            ask(model, processor, image, as_prompt(line), args)
+        except ValueError as e:  # e.g. a prompt too long for the model: say so and go on
+            print(f"nanopali: error: {e}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     from .patches import ImageFileError
 
     try:
-        run(args.image, args.size)
-    except (FileNotFoundError, ImageFileError) as e:
+        run(args)
+    except (UserError, FileNotFoundError, ImageFileError, ValueError, OSError) as e:
         print(f"nanopali: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nnanopali: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours: still one line, unless NANOPALI_DEBUG asks for the traceback
+        if os.environ.get("NANOPALI_DEBUG"):
+            raise
+        print(f"nanopali: internal error: {type(e).__name__}: {e} (set NANOPALI_DEBUG=1 for the traceback, and "
+              "please report it)", file=sys.stderr)
         return 1
     return 0
 

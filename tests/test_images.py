@@ -87,24 +87,6 @@ def test_command_line_gives_one_line_and_exit_1(case, tmp_path, truncated_jpeg, 
     assert len(lines) == 1 and lines[0].startswith(f"nanopali: error: {path}: ")
 
 
-def test_command_line_demo_runs_lessons_01_and_02_on_a_photo():
-    result = run_python("-m", "nanopali", "--image", "images/chelsea.png")
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
-    assert "451 x 300 pixels" in out
-    assert "(1, 3, 224, 224) float32" in out
-    assert "(1, 256, 588)" in out
-    assert "(1, 256, 1152)" in out
-    assert "features:    (1, 256, 1152) from SiglipVisionModel, 27 layers, 412,442,352 parameters" in out
-    assert "image tokens the language model would see: 256" in out
-
-
-def test_command_line_demo_at_448():
-    result = run_python("-m", "nanopali", "--image", "images/rocket.jpg", "--size", "448")
-    assert result.returncode == 0, result.stderr
-    assert "features:    (1, 1024, 1152) from SiglipVisionModel" in result.stdout
-
-
 def test_rgba_and_grayscale_files_work(tmp_path):
     Image.open(IMAGES / "chelsea.png").convert("LA").save(tmp_path / "gray_alpha.png")
     x = preprocess_image(tmp_path / "gray_alpha.png", size=28)
