@@ -7,13 +7,14 @@ behind a prompt. Without --weights it runs the small model lesson 08 trained (we
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "nanopali-shapes"
-# the first words of PaliGemma's prompts; anything else is asked as a question, "answer en ..."
-TASK_WORDS = ("caption", "describe", "answer", "question", "detect", "segment", "ocr")
+# PaliGemma's task prompts: "caption en", "answer en ...", "detect ...", "ocr", ...; anything else is a question
+TASK_PROMPT = re.compile(r"(caption|describe|answer|question) [a-z]{2}\b.*|(detect|segment) .+|ocr", re.IGNORECASE)
 PICTURE_TYPES = (".png", ".jpg", ".jpeg")
 
 EXAMPLES = """examples:
@@ -23,8 +24,9 @@ EXAMPLES = """examples:
   python -m nanopali --image images/scene.png --prompt "detect star ; circle" --boxes boxes.png
   python -m nanopali --weights weights/paligemma-3b-mix-224 --image images/chelsea.png --prompt "caption en"
 
-prompts: PaliGemma's task prompts, "caption en", "answer en QUESTION", "detect THING ; OTHER", ... Anything that
-does not start with a task word is asked as "answer en ...". The shipped model knows scenes of coloured shapes:
+prompts: PaliGemma's task prompts, "caption en", "describe en", "answer en QUESTION", "question en ANSWER",
+"detect THING ; OTHER", "segment THING", "ocr" (en: the language). Anything else is asked as "answer en ...".
+The shipped model knows only scenes of coloured shapes:
 "caption en", "what color is the star?", "what shape is the red one?", "how many shapes are there?",
 "is there a circle?", "detect star ; circle"."""
 
@@ -51,19 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
                         help="the longest answer, in tokens (default 32)")
     parser.add_argument("--sample", action="store_true", help="sample the answer instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    parser.add_argument("--top-k", type=int, metavar="K", help="sample from the K most likely tokens only")
-    parser.add_argument("--top-p", type=float, metavar="P", help="sample from the smallest set of tokens reaching P")
-    parser.add_argument("--seed", type=int, help="seed for sampling, to repeat a sampled answer")
+    parser.add_argument("--temperature", type=float, help="with --sample: the temperature (default 1.0)")
+    parser.add_argument("--top-k", type=int, metavar="K", help="with --sample: keep the K most likely tokens only")
+    parser.add_argument("--top-p", type=float, metavar="P",
+                        help="with --sample: keep the smallest set of tokens reaching probability P")
+    parser.add_argument("--seed", type=int, help="with --sample: a seed, to repeat a sampled answer")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:1, mps or auto (default: auto, the best available)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
                         help="weights' type (default bfloat16; float16 only on a GPU)")
     parser.add_argument("--attention-map", type=Path, metavar="OUT.png",
-                        help="write where each answer token looked in the image (lesson 09), averaged over all "
-                             "layers and heads")
+                        help="write where the model looked in the image while choosing each answer token (lesson "
+                             "09), averaged over all layers and heads; in the question loop, each answer overwrites "
+                             "it")
     parser.add_argument("--boxes", type=Path, metavar="OUT.png",
-                        help="for a 'detect ...' prompt: write the image with the boxes found")
+                        help="for a 'detect ...' prompt: write the image with the boxes found (overwritten by each "
+                             "answer in the loop)")
     return parser
 
 
@@ -73,6 +78,9 @@ class UserError(Exception):
 
 def check_arguments(args) -> None:
     "Everything that can be checked before loading the model."
+    if args.weights.is_file():
+        raise UserError(f"--weights {str(args.weights)!r} is a file: give the folder that holds config.json and the "
+                        "model's safetensors files")
     if not args.weights.is_dir():
         hint = " (download a checkpoint into weights/: see the README)" if args.weights != SHIPPED else ""
         raise UserError(f"weights folder {str(args.weights)!r} not found{hint}")
@@ -82,6 +90,10 @@ def check_arguments(args) -> None:
         raise UserError("the prompt is empty: give a question or a task, e.g. --prompt 'caption en'")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    unused = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
+                                       ("--top-p", args.top_p), ("--seed", args.seed)) if value is not None]
+    if unused and not args.sample:
+        raise UserError(f"{', '.join(unused)} only apply when sampling: add --sample (without it the answer is greedy)")
     for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes)):
         if path is None:
             continue
@@ -92,17 +104,21 @@ def check_arguments(args) -> None:
 
 
 def as_prompt(text: str) -> str:
-    "A task prompt as it is; a plain question becomes 'answer en QUESTION'."
+    "A task prompt as it is (its task word in lower case, as the model learned it); a question: 'answer en ...'."
     text = " ".join(text.split())
-    return text if text.split(" ", 1)[0].lower() in TASK_WORDS else f"answer en {text}"
+    if TASK_PROMPT.fullmatch(text):
+        word, _, rest = text.partition(" ")
+        return f"{word.lower()} {rest}".strip()
+    return f"answer en {text}"
 
 
 def ask(model, processor, image, prompt: str, args) -> None:
     "Answer one prompt, print the answer and its time, write the requested pictures."
     from .paligemma import generate
-    from .visualize import draw_attention, draw_boxes, generate_with_attention, parse_boxes
+    from .visualize import LOC_PATTERN, draw_attention, draw_boxes, generate_with_attention, parse_boxes
 
-    sampling = dict(do_sample=args.sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    temperature = 1.0 if args.temperature is None else args.temperature
+    sampling = dict(do_sample=args.sample, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed)
     start = time.perf_counter()
     if args.attention_map is not None:
@@ -117,15 +133,17 @@ def ask(model, processor, image, prompt: str, args) -> None:
         layers, heads = answer.image_attention.shape[1:3]
         draw_attention(image, answer, path=args.attention_map)
         print(f"  attention map ({layers} layers x {heads} heads, averaged): {args.attention_map}")
-    if args.boxes is not None:
+    if args.boxes is not None and not LOC_PATTERN.search(text):
+        print(f"  no boxes in this answer: ask 'detect THING' to get some (nothing written to {args.boxes})")
+    elif args.boxes is not None:
         detections, problems = parse_boxes(text, *image.size)
         for problem in problems:
             print(f"  could not read a box: {problem}")
         if detections:
             draw_boxes(image, detections).save(args.boxes)
             print(f"  {len(detections)} box(es) drawn: {args.boxes}")
-        elif not problems:
-            print("  no boxes in this answer: ask 'detect THING' to get some")
+        else:
+            print(f"  no box could be read, nothing written to {args.boxes}")
 
 
 def run(args) -> None:
@@ -142,13 +160,20 @@ def run(args) -> None:
     start = time.perf_counter()
     model, processor = load(args.weights, device=device, dtype=args.dtype)
     count = sum(p.numel() for p in model.parameters())
-    print(f"model: {args.weights} ({count:,} parameters), loaded in {time.perf_counter() - start:.1f} s")
+    shown = os.path.relpath(args.weights) if not os.path.relpath(args.weights).startswith("..") else args.weights
+    print(f"model: {shown} ({count:,} parameters), loaded in {time.perf_counter() - start:.1f} s")
     print(f"image: {args.image} ({image.width} x {image.height}, seen as {processor.image_size[1]} x "
           f"{processor.image_size[0]})")
+    if args.weights.resolve() == SHIPPED and image.size != processor.image_size[::-1]:
+        print("note: the shipped model has only ever seen 112 x 112 scenes of coloured shapes, like images/scene.png; "
+              "on other pictures its answers mean nothing. For photos, use a real PaliGemma (--weights).")
     if args.prompt is not None:
         ask(model, processor, image, as_prompt(args.prompt), args)
         return
     print("Ask about the image: 'caption en', 'detect THING', or any question. An empty line or Ctrl-D ends.")
+    for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes)):
+        if path is not None:
+            print(f"({flag}: each answer overwrites {path})")
     while True:
         try:
             line = input("Ask anything: ")

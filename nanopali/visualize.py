@@ -28,16 +28,20 @@ class Detection:
 
 def parse_boxes(text: str, width: int, height: int) -> tuple[list[Detection], list[str]]:
     """A detection answer '<locYMIN><locXMIN><locYMAX><locXMAX> label ; ...' for an image of width x height pixels ->
-    (detections, problems). A part that cannot be read is left out, and problems says which and why."""
+    (detections, problems). A part that cannot be read is left out, and problems says which and why. The 16
+    <segNNN> codes of a segmentation answer may follow the box; they are skipped (the mask decoder is not built)."""
+    if not text.strip():
+        return [], ["the answer is empty: there is no box to read"]
     detections, problems = [], []
     for part in text.split(";"):
         part = part.strip()
         if not part:
             continue
-        match = re.fullmatch(r"((?:<loc\d{4}>){4})\s*([^<]*)", part)
+        match = re.fullmatch(r"((?:<loc\d{4}>){4})\s*(?:<seg\d{3}>)*\s*([^<]*)", part)
         if match is None:
             found = len(LOC_PATTERN.findall(part))
-            problems.append(f"{part!r}: expected four <locNNNN> tokens then a label, found {found} location token(s)")
+            problems.append(f"{part!r}: expected four <locNNNN> tokens then a label, found {found} location "
+                            "token(s)" + (" and other tokens between them and the label" if found == 4 else ""))
             continue
         y0, x0, y1, x1 = (int(v) for v in LOC_PATTERN.findall(match[1]))
         label = match[2].strip()
@@ -71,15 +75,17 @@ def draw_boxes(image, detections: list[Detection], min_side: int = 448) -> Image
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(12, min(image.size) // 28))
     line = max(2, min(image.size) // 150)
-    for i, d in enumerate(detections):
-        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+    labels = list(dict.fromkeys(d.label for d in detections))  # one colour per label, in order of appearance
+    for d in detections:
+        colour = BOX_COLOURS[labels.index(d.label) % len(BOX_COLOURS)]
         y0, x0, y1, x1 = (v * scale for v in d.box)
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=line)
         left, top, right, bottom = draw.textbbox((0, 0), d.label, font=font)
-        label_h = bottom - top + 2 * line
+        label_w, label_h = right - left + 2 * line, bottom - top + 2 * line
         y = y0 - label_h if y0 >= label_h else y0  # above the box, or inside it at the image's top edge
-        draw.rectangle((x0, y, x0 + right - left + 2 * line, y + label_h), fill=colour)
-        draw.text((x0 + line - left, y + line - top), d.label, fill="black", font=font)
+        x = max(0, min(x0, image.width - label_w))  # never past the right edge
+        draw.rectangle((x, y, x + label_w, y + label_h), fill=colour)
+        draw.text((x + line - left, y + line - top), d.label, fill="black", font=font)
     return image
 
 
@@ -121,16 +127,16 @@ def generate_with_attention(model, processor, image, prompt: str, max_new_tokens
     return Answer(processor.decode(token_ids), tokens, token_ids, rows, image_attention.unflatten(-1, (grid, grid)))
 
 
-def overlay(ax, image, grid_map, title: str | None = None, alpha: float = 0.6):
+def overlay(ax, image, grid_map, title: str | None = None, alpha: float = 0.6, vmax: float | None = None):
     """Draw the image (a path or a PIL image) on a matplotlib axis, with a (grid, grid) map over it. Each cell covers
     the part of the image its patch saw: the model saw the image squeezed to a square, so the cells follow the
-    image's own proportions."""
+    image's own proportions. Colours run from 0 to vmax (default: the map's own largest cell)."""
     image = _as_image(image)
     extent = (0, image.width, image.height, 0)
     values = torch.as_tensor(grid_map, dtype=torch.float32).cpu().numpy()
     ax.imshow(image, extent=extent)
-    ax.imshow(values, extent=extent, cmap="inferno", alpha=alpha, interpolation="nearest", vmin=0,
-              vmax=max(float(values.max()), 1e-12))
+    vmax = max(float(values.max()), 1e-12) if vmax is None else vmax
+    ax.imshow(values, extent=extent, cmap="inferno", alpha=alpha, interpolation="nearest", vmin=0, vmax=vmax)
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)
@@ -141,10 +147,11 @@ def _piece(token: str) -> str:
     return token.replace("▁", " ").strip() or repr(token)
 
 
-def draw_attention(image, answer: Answer, layer: int | None = None, head: int | None = None, max_tokens: int = 10,
+def draw_attention(image, answer: Answer, layer: int | None = None, head: int | None = None, max_tokens: int = 16,
                    columns: int = 6, path=None) -> Figure:
-    """A figure: the image, each answer token's map (up to max_tokens), then the whole answer's mean; averaged over
-    all layers and heads unless one layer or one head is chosen. Saved to path (a .png, ...) if given."""
+    """A figure: the image, the map of each answer token (up to max_tokens; <eos> left out), then their mean if there
+    are several; averaged over all layers and heads unless one layer or one head is chosen. Each map is scaled to its
+    own largest cell. Saved to path (a .png, ...) if given."""
     maps = answer.image_attention  # (n, layers, heads, g, g)
     n_layers, n_heads = maps.shape[1:3]
     if layer is not None and not 0 <= layer < n_layers:
@@ -153,19 +160,24 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
         raise ValueError(f"head {head} does not exist: the model has {n_heads} heads, 0 to {n_heads - 1}")
     maps = maps[:, [layer]] if layer is not None else maps
     maps = (maps[:, :, [head]] if head is not None else maps).mean((1, 2))  # (n, g, g)
-    shown = min(len(maps), max_tokens)
-    panels = shown + 2
+    words = [j for j, t in enumerate(answer.tokens) if t != "<eos>"] or list(range(len(maps)))
+    shown = words[:max_tokens]
+    panels = 1 + len(shown) + (len(shown) > 1)
     rows, cols = -(-panels // columns), min(panels, columns)
-    fig = Figure(figsize=(2.3 * cols, 2.5 * rows + 0.4))
+    width, height = _as_image(image).size
+    panel_w = 2.4 * min(max(width / height, 0.6), 1.8)  # panels shaped like the image
+    fig = Figure(figsize=(panel_w * cols, 2.4 * rows + 0.5))
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax in axes:
         ax.set_axis_off()
     overlay(axes[0], image, torch.zeros(maps.shape[1:]), "the image", alpha=0.0)
-    for j in range(shown):
-        overlay(axes[1 + j], image, maps[j], f"{_piece(answer.tokens[j])}: {maps[j].sum():.0%} on image")
-    overlay(axes[shown + 1], image, maps.mean(0), "whole answer")
-    which = ("all layers" if layer is None else f"layer {layer}") + ", " + ("all heads" if head is None else f"head {head}")
-    fig.suptitle(f"{answer.text!r}: where each token looked ({which})", fontsize=10)
+    for ax, j in zip(axes[1:], shown):
+        overlay(ax, image, maps[j], f"{_piece(answer.tokens[j])!r} ({maps[j].sum():.0%} on image)")
+    if len(shown) > 1:
+        overlay(axes[len(shown) + 1], image, maps[shown].mean(0), "mean of these tokens")
+    which = f"{'all layers' if layer is None else f'layer {layer}'}, {'all heads' if head is None else f'head {head}'}"
+    cut = f", first {len(shown)} of {len(words)} tokens" if len(shown) < len(words) else ""
+    fig.suptitle(f"{answer.text!r}\nwhere the model looked while choosing each token ({which}{cut})", fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=100)

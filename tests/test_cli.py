@@ -1,0 +1,174 @@
+"""The command line, `python -m nanopali`: answers on the shipped model, writes its pictures, and every mistake gets
+one line and a non-zero exit status."""
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from nanopali.__main__ import as_prompt, main
+
+from conftest import REPO, run_python
+
+SCENE = str(REPO / "images" / "scene.png")
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def assert_png(path):
+    with Image.open(path) as png:
+        png.verify()
+        assert png.format == "PNG"
+
+
+def test_a_question_answered_end_to_end_with_its_attention_map(tmp_path):
+    "The README's demo, as a real process."
+    out = tmp_path / "attention.png"
+    result = run_python("-m", "nanopali", "--image", "images/scene.png", "--prompt", "what color is the star?",
+                        "--attention-map", str(out), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("device: cpu (bfloat16, ")
+    assert "loaded in" in lines[1] and "2,966,496 parameters" in lines[1]
+    assert lines[3] == "green"
+    assert lines[4].startswith("  [") and lines[4].endswith(" s]")
+    assert f"attention map (4 layers x 4 heads, averaged): {out}" in result.stdout
+    assert_png(out)
+    assert result.stderr == ""
+
+
+def test_detection_draws_the_boxes(tmp_path, capsys):
+    out = tmp_path / "boxes.png"
+    assert main(["--image", SCENE, "--prompt", "detect star ; circle", "--boxes", str(out), "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "<loc0027><loc0493><loc0247><loc0703> star ; <loc0521><loc0712><loc0795><loc0977> circle" in printed
+    assert "2 box(es) drawn" in printed
+    assert_png(out)
+    assert Image.open(out).size == (448, 448)
+
+
+def test_boxes_asked_of_an_answer_without_boxes_say_so(tmp_path, capsys):
+    out = tmp_path / "boxes.png"
+    assert main(["--image", SCENE, "--prompt", "caption en", "--boxes", str(out)]) == 0
+    assert "no boxes in this answer: ask 'detect THING'" in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_boxes_that_cannot_be_read_write_nothing(tmp_path, capsys, monkeypatch):
+    "An answer whose boxes cannot be read (here a stand-in for the model) writes no picture."
+    monkeypatch.setattr("nanopali.paligemma.generate", lambda *a, **k: ["<loc0100><loc0200> star"])
+    out = tmp_path / "boxes.png"
+    assert main(["--image", SCENE, "--prompt", "detect star", "--boxes", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "could not read a box: '<loc0100><loc0200> star': expected four <locNNNN> tokens" in printed
+    assert f"no box could be read, nothing written to {out}" in printed
+    assert not out.exists()
+
+
+def test_the_shipped_model_warns_about_photos(capsys):
+    assert main(["--image", str(REPO / "images" / "chelsea.png"), "--prompt", "caption en",
+                 "--max-new-tokens", "2"]) == 0
+    assert "note: the shipped model has only ever seen 112 x 112 scenes" in capsys.readouterr().out
+
+
+def test_the_loop_asks_until_an_empty_line(monkeypatch, capsys):
+    lines = iter(["caption en", "how many shapes are there?", ""])
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or next(lines))
+    assert main(["--image", SCENE, "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert asked == ["Ask anything: "] * 3
+    assert "a large purple triangle, a small green star and a small red circle\n" in out
+    assert "\n3\n" in out
+
+
+def test_the_loop_ends_cleanly_on_ctrl_d():
+    "The input ends (Ctrl-D) after one question, without an empty line."
+    result = subprocess.run([sys.executable, "-m", "nanopali", "--image", "images/scene.png"], cwd=REPO,
+                            input="is there a square?\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Ask anything: no\n" in result.stdout
+    assert result.stderr == ""
+
+
+def test_sampling_with_a_seed_repeats(capsys):
+    argv = ["--image", SCENE, "--prompt", "caption en", "--sample", "--temperature", "1.5", "--seed", "3"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[3]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[3] == first
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--image", "images/no_such.png"], "no_such.png"),
+    (["--image", SCENE, "--weights", "weights/paligemma-3b-mix-224"],
+     "weights folder 'weights/paligemma-3b-mix-224' not found (download a checkpoint into weights/: see the README)"),
+    (["--image", SCENE, "--weights", "images"], "images has no config.json: it is not a PaliGemma checkpoint folder"),
+    (["--image", SCENE, "--prompt", "  "], "the prompt is empty"),
+    (["--image", SCENE, "--attention-map", "map.gif"], "give a file name ending in .png or .jpg"),
+    (["--image", SCENE, "--boxes", "no_such_folder/b.png"], "the folder 'no_such_folder' does not exist"),
+    (["--image", SCENE, "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--image", SCENE, "--dtype", "float16"], "float16 on the CPU is refused"),
+    (["--image", SCENE, "--device", "cuda:7"], "not available on this machine"),
+    (["--image", SCENE, "--prompt", "caption en", "--sample", "--temperature", "0"], "temperature must be > 0"),
+    (["--image", SCENE, "--temperature", "0.1", "--seed", "3"],
+     "--temperature, --seed only apply when sampling: add --sample"),
+    (["--image", SCENE, "--weights", "weights/nanopali-shapes/config.json"], "is a file: give the folder"),
+])
+def test_mistakes_get_one_line_and_exit_1(argv, says, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 1
+    line = one_line_error(capsys)
+    assert line.startswith("nanopali: error: ") and says in line
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([], "the following arguments are required: --image"),
+    (["--image", SCENE, "--max-new-tokens", "many"], "invalid int value: 'many'"),
+    (["--image", SCENE, "--colour"], "unrecognized arguments: --colour"),
+    (["--image", SCENE, "--dtype", "int8"], "invalid choice: 'int8'"),
+])
+def test_a_bad_command_line_gets_one_line_and_exit_2(argv, says, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    line = one_line_error(capsys)
+    assert says in line and line.endswith("(see python -m nanopali --help)")
+
+
+def test_a_missing_image_as_a_real_process():
+    result = run_python("-m", "nanopali", "--image", "nope.jpg", cwd=REPO)
+    assert result.returncode == 1
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("nanopali: error: nope.jpg")
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--help"])
+    assert stopped.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ["--weights", "--image", "--prompt", "--max-new-tokens", "--sample", "--temperature", "--top-k",
+                 "--top-p", "--seed", "--device", "--dtype", "--attention-map", "--boxes", "Ask anything",
+                 "detect star ; circle", "answer en"]:
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("typed, prompt", [
+    ("caption en", "caption en"),
+    ("what color is the star?", "answer en what color is the star?"),
+    ("  detect   cat ", "detect cat"),
+    ("Answer en why?", "answer en why?"),
+    ("Caption EN", "caption EN"),
+    ("describe the picture", "answer en describe the picture"),
+    ("ocr", "ocr"),
+    ("detect", "answer en detect"),
+])
+def test_plain_questions_become_answer_prompts(typed, prompt):
+    assert as_prompt(typed) == prompt
