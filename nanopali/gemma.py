@@ -29,10 +29,12 @@ class GemmaModel(nn.Module):
         embeds = self.embed_tokens(input_ids)
         return embeds * torch.tensor(self.config.hidden_size**0.5, dtype=embeds.dtype)
 
-    def forward(self, inputs_embeds, attention_mask, token_type_ids=None, kv_cache=None, return_attention=False):
+    def forward(self, inputs_embeds, attention_mask, token_type_ids=None, kv_cache=None, return_attention=False,
+                last_only=False):
         """inputs_embeds (B, L, D): the new tokens, already embedded (and merged with image features). attention_mask
         and token_type_ids (B, T): the whole sequence so far, cached tokens included (T = cached + L). Returns the
-        final hidden states (B, L, D) and, if return_attention, each layer's weights (B, H, L, T)."""
+        final hidden states (B, L, D) and, if return_attention, each layer's weights (B, H, L, T), or only the last
+        position's (B, H, 1, T) with last_only (a long prompt's full weights would take gigabytes)."""
         B, L, _ = inputs_embeds.shape
         T = attention_mask.shape[1]
         if token_type_ids is None:  # a plain language model: everything is suffix, the mask is causal
@@ -43,7 +45,7 @@ class GemmaModel(nn.Module):
         x, all_weights = inputs_embeds, []
         for layer in self.layers:
             x, weights = layer(x, cos, sin, mask, kv_cache, return_attention)
-            all_weights.append(weights)
+            all_weights.append(weights[:, :, -1:] if return_attention and last_only else weights)
         return self.norm(x), (all_weights if return_attention else None)
 
 
@@ -58,7 +60,8 @@ class GemmaForCausalLM(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
                 kv_cache=None, last_only=False, return_attention=False):
         """Give input_ids (B, L) or inputs_embeds (B, L, D) for the new tokens; attention_mask and token_type_ids
-        (B, T) for the whole sequence (default: no padding, all causal). last_only: logits of the last position."""
+        (B, T) for the whole sequence (default: no padding, all causal). last_only: logits (and attention weights)
+        of the last position only."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -70,7 +73,8 @@ class GemmaForCausalLM(nn.Module):
         if attention_mask.shape != (B, cached + L):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, but {cached} tokens are cached "
                              f"and {L} are new: it must cover the whole sequence, ({B}, {cached + L})")
-        hidden, weights = self.model(inputs_embeds, attention_mask, token_type_ids, kv_cache, return_attention)
+        hidden, weights = self.model(inputs_embeds, attention_mask, token_type_ids, kv_cache, return_attention,
+                                     last_only)
         if last_only:
             hidden = hidden[:, -1:]  # (B, 1, D): the only position whose prediction generation needs
         logits = F.linear(hidden, self.model.embed_tokens.weight)  # tied head: (B, L, vocab)
@@ -179,7 +183,7 @@ def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attent
                     kv_cache=kv_cache, last_only=True, return_attention=return_attention)
         if not return_attention:
             return out
-        logits, weights = out  # weights: one (B, H, L_new, T) per layer
+        logits, weights = out  # weights: one (B, H, 1, T) per layer
         rows.append(torch.stack([w[:, :, -1] for w in weights], dim=1).float())  # (B, layers, H, T)
         return logits
 

@@ -125,6 +125,18 @@ def test_attention_returned_by_generation_equals_the_reference_attention(use_cac
         torch.testing.assert_close(row, expected, atol=ATOL, rtol=0)
 
 
+def test_last_only_keeps_only_the_last_rows_of_the_attention():
+    ours, _ = twin(CONFIGS["grouped-query"])
+    input_ids, attention_mask = padded_prompts()
+    with torch.no_grad():
+        logits, full = ours(input_ids, attention_mask, return_attention=True)
+        last_logits, last = ours(input_ids, attention_mask, last_only=True, return_attention=True)
+    torch.testing.assert_close(last_logits, logits[:, -1:], atol=1e-5, rtol=0)  # large logits (weights std 0.3)
+    for f, w in zip(full, last):
+        assert w.shape == (2, 4, 1, input_ids.shape[1])
+        torch.testing.assert_close(w, f[:, :, -1:], atol=1e-6, rtol=0)
+
+
 def test_generation_stops_at_eos_and_pads_finished_rows():
     ours, _ = twin(CONFIGS["multi-query"])
     with torch.no_grad():  # make <eos> (id 1) the best next token after token 305 only
