@@ -6,6 +6,7 @@ and of the vision encoder, the real PaliGemma, and the command line."""
 
 
 import re
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -166,7 +167,8 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
     rows, cols = -(-panels // columns), min(panels, columns)
     width, height = _as_image(image).size
     panel_w = 2.4 * min(max(width / height, 0.6), 1.8)  # panels shaped like the image
-    fig = Figure(figsize=(panel_w * cols, 2.4 * rows + 0.5))
+    fig_w = max(panel_w * cols, 5.5)  # room for the title
+    fig = Figure(figsize=(fig_w, 2.4 * rows + 0.7))
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax in axes:
         ax.set_axis_off()
@@ -177,7 +179,8 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
         overlay(axes[len(shown) + 1], image, maps[shown].mean(0), "mean of these tokens")
     which = f"{'all layers' if layer is None else f'layer {layer}'}, {'all heads' if head is None else f'head {head}'}"
     cut = f", first {len(shown)} of {len(words)} tokens" if len(shown) < len(words) else ""
-    fig.suptitle(f"{answer.text!r}\nwhere the model looked while choosing each token ({which}{cut})", fontsize=10)
+    title = textwrap.fill(repr(answer.text), width=int(fig_w * 12))  # about 12 characters per inch at size 10
+    fig.suptitle(f"{title}\nwhere the model looked while choosing each token\n({which}{cut})", fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=100)
