@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="with --sample: a seed, to repeat a sampled answer")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, cuda:1, mps or auto (default: auto, the best available)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                        help="weights' type (default bfloat16; float16 only on a GPU)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"],
+                        help="weights' type (default: bfloat16, or float32 for the 12 MB shipped model, which was "
+                             "scored in float32; float16 only on a GPU)")
     parser.add_argument("--attention-map", type=Path, metavar="OUT.png",
                         help="write where the model looked in the image while choosing each answer token (lesson "
                              "09), averaged over all layers and heads; in the question loop, each answer overwrites "
@@ -104,37 +105,38 @@ def check_arguments(args) -> None:
 
 
 def as_prompt(text: str) -> str:
-    "A task prompt as it is (its task word in lower case, as the model learned it); a question: 'answer en ...'."
+    "A task prompt with its task word and language code in lower case, as the model learned them; else a question."
     text = " ".join(text.split())
-    if TASK_PROMPT.fullmatch(text):
-        word, _, rest = text.partition(" ")
-        return f"{word.lower()} {rest}".strip()
-    return f"answer en {text}"
+    if not TASK_PROMPT.fullmatch(text):
+        return f"answer en {text}"
+    words = text.split(" ")
+    keep_case = 1 if words[0].lower() in ("detect", "segment") else 2  # task word (and language code) lowered
+    return " ".join([w.lower() for w in words[:keep_case]] + words[keep_case:])
 
 
 def ask(model, processor, image, prompt: str, args) -> None:
-    "Answer one prompt, print the answer and its time, write the requested pictures."
-    from .paligemma import generate
+    """Answer one prompt, print the answer and its time, write the requested pictures. The answer always comes from
+    generate_with_attention, so that asking for the map never changes the answer it explains."""
     from .visualize import LOC_PATTERN, draw_attention, draw_boxes, generate_with_attention, parse_boxes
 
     temperature = 1.0 if args.temperature is None else args.temperature
     sampling = dict(do_sample=args.sample, temperature=temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed)
     start = time.perf_counter()
-    if args.attention_map is not None:
-        answer = generate_with_attention(model, processor, image, prompt, args.max_new_tokens, **sampling)
-        text = answer.text
-    else:
-        text = generate(model, processor, [image], [prompt], args.max_new_tokens, **sampling)[0]
+    answer = generate_with_attention(model, processor, image, prompt, args.max_new_tokens, **sampling)
     seconds = time.perf_counter() - start
-    print(text if text.strip() else "(an empty answer)")
-    print(f"  [{seconds:.2f} s]")
+    text = answer.text
+    print(text.strip() if text.strip() else "(an empty answer)")
+    print(f"  [{len(answer.tokens)} tokens in {seconds:.2f} s]")
+    if answer.tokens[-1] != "<eos>" and len(answer.tokens) == args.max_new_tokens:
+        print(f"  (stopped at --max-new-tokens {args.max_new_tokens}: the answer may be cut off)")
     if args.attention_map is not None:
         layers, heads = answer.image_attention.shape[1:3]
         draw_attention(image, answer, path=args.attention_map)
         print(f"  attention map ({layers} layers x {heads} heads, averaged): {args.attention_map}")
     if args.boxes is not None and not LOC_PATTERN.search(text):
-        print(f"  no boxes in this answer: ask 'detect THING' to get some (nothing written to {args.boxes})")
+        hint = "" if prompt.startswith("detect ") else ": ask 'detect THING' to get some"
+        print(f"  no boxes in this answer{hint} (nothing written to {args.boxes})")
     elif args.boxes is not None:
         detections, problems = parse_boxes(text, *image.size)
         for problem in problems:
@@ -156,9 +158,10 @@ def run(args) -> None:
     image = load_image(args.image)  # before the model: a wrong path fails in a second
     device = pick_device(args.device)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"device: {device} ({args.dtype}{threads})")
+    dtype = args.dtype or ("float32" if args.weights.resolve() == SHIPPED else "bfloat16")
+    print(f"device: {device} ({dtype}{threads})")
     start = time.perf_counter()
-    model, processor = load(args.weights, device=device, dtype=args.dtype)
+    model, processor = load(args.weights, device=device, dtype=dtype)
     count = sum(p.numel() for p in model.parameters())
     shown = os.path.relpath(args.weights) if not os.path.relpath(args.weights).startswith("..") else args.weights
     print(f"model: {shown} ({count:,} parameters), loaded in {time.perf_counter() - start:.1f} s")
@@ -197,12 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError, ImageFileError, ValueError, OSError) as e:
         print(f"nanopali: error: {e}", file=sys.stderr)
         return 1
+    except MemoryError:
+        print("nanopali: error: out of memory: a 3B model needs about 6 GB free in bfloat16 (--dtype bfloat16)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nnanopali: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug of ours: still one line, unless NANOPALI_DEBUG asks for the traceback
         if os.environ.get("NANOPALI_DEBUG"):
             raise
+        if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU
+            print("nanopali: error: out of GPU memory: use --dtype bfloat16, a smaller checkpoint (224 rather than "
+                  "448 or 896), or --device cpu", file=sys.stderr)
+            return 1
         print(f"nanopali: internal error: {type(e).__name__}: {e} (set NANOPALI_DEBUG=1 for the traceback, and "
               "please report it)", file=sys.stderr)
         return 1

@@ -253,7 +253,7 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder}: no such folder. Download a PaliGemma checkpoint into it first, e.g. "
-            f"`huggingface-cli download google/paligemma-3b-pt-224 --local-dir {folder}` (after accepting the "
+            f"`hf download google/paligemma-3b-mix-224 --local-dir {folder}` (after accepting the "
             "licence on the model's page)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'config.json'} not found: this is not a complete model folder")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
 
@@ -18,7 +18,7 @@ class ImageFileError(ValueError):
 
 
 def load_image(path: str | Path) -> Image.Image:
-    "Open an image file and decode it fully, so that a bad file fails here with a clear message."
+    "Open an image file, decode it fully (a bad file fails here with a clear message) and turn it upright."
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file. Check the path (images/ has photos to try).")
@@ -33,7 +33,7 @@ def load_image(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises on a cut-off or corrupt file
         msg = f"the image file is truncated or damaged ({e}). Save or download it again."
         raise ImageFileError(f"{path}: {msg}") from None
-    return image
+    return ImageOps.exif_transpose(image)  # as the camera meant it; the same image when there is no tag
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from .gemma import generate_tokens
-from .patches import load_image
+from .patches import load_image, to_rgb
 
 LOC_PATTERN = re.compile(r"<loc(\d{4})>")
 
@@ -62,17 +62,17 @@ BOX_COLOURS = ["#ff1744", "#00e5ff", "#76ff03", "#ffea00", "#d500f9", "#ff9100"]
 
 
 def _as_image(image) -> Image.Image:
-    "A path or a PIL image -> an RGB PIL image (lesson 01's load_image checks the file)."
-    return image.convert("RGB") if isinstance(image, Image.Image) else load_image(image)
+    "A path or a PIL image -> an RGB PIL image, as the model saw it (lesson 01's load_image and to_rgb)."
+    return to_rgb(image if isinstance(image, Image.Image) else load_image(image))
 
 
 def draw_boxes(image, detections: list[Detection], min_side: int = 448) -> Image.Image:
     """A copy of the image (a path or a PIL image) with each detection's box and label drawn on it. An image whose
-    short side is under min_side pixels is first enlarged, nearest neighbour, so that the labels stay legible."""
+    short side is at most half of min_side pixels is first enlarged a whole number of times, nearest neighbour, so
+    that the labels stay legible."""
     image = _as_image(image)
-    scale = max(1.0, min_side / min(image.size))
-    size = (round(image.width * scale), round(image.height * scale))
-    image = image.resize(size, Image.Resampling.NEAREST) if scale > 1 else image.copy()
+    scale = max(1, min_side // min(image.size))  # a whole number: each pixel becomes a scale x scale block
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(12, min(image.size) // 28))
     line = max(2, min(image.size) // 150)
@@ -144,8 +144,9 @@ def overlay(ax, image, grid_map, title: str | None = None, alpha: float = 0.6, v
 
 
 def _piece(token: str) -> str:
-    "A token as a reader wants it: '▁red' -> 'red'."
-    return token.replace("▁", " ").strip() or repr(token)
+    "A token as a reader wants it, quoted: '▁red' -> \"'red'\" (▁ marks a space before the word)."
+    text = token.replace("▁", " ").strip()
+    return repr(text if text else token)
 
 
 def draw_attention(image, answer: Answer, layer: int | None = None, head: int | None = None, max_tokens: int = 16,
@@ -166,7 +167,7 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
     panels = 1 + len(shown) + (len(shown) > 1)
     rows, cols = -(-panels // columns), min(panels, columns)
     width, height = _as_image(image).size
-    panel_w = 2.4 * min(max(width / height, 0.6), 1.8)  # panels shaped like the image
+    panel_w = 2.4 * min(max(width / height, 0.8), 1.8)  # panels shaped like the image, room for their titles
     fig_w = max(panel_w * cols, 5.5)  # room for the title
     fig = Figure(figsize=(fig_w, 2.4 * rows + 0.7))
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
@@ -174,7 +175,7 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
         ax.set_axis_off()
     overlay(axes[0], image, torch.zeros(maps.shape[1:]), "the image", alpha=0.0)
     for ax, j in zip(axes[1:], shown):
-        overlay(ax, image, maps[j], f"{_piece(answer.tokens[j])!r} ({maps[j].sum():.0%} on image)")
+        overlay(ax, image, maps[j], f"{_piece(answer.tokens[j])} ({maps[j].sum():.0%} on image)")
     if len(shown) > 1:
         overlay(axes[len(shown) + 1], image, maps[shown].mean(0), "mean of these tokens")
     which = f"{'all layers' if layer is None else f'layer {layer}'}, {'all heads' if head is None else f'head {head}'}"

@@ -3,6 +3,7 @@ one line and a non-zero exit status."""
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -34,10 +35,10 @@ def test_a_question_answered_end_to_end_with_its_attention_map(tmp_path):
                         "--attention-map", str(out), cwd=REPO)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("device: cpu (bfloat16, ")
+    assert lines[0].startswith("device: cpu (float32, ")  # the shipped model: float32 unless asked otherwise
     assert "loaded in" in lines[1] and "2,966,496 parameters" in lines[1]
     assert lines[3] == "green"
-    assert lines[4].startswith("  [") and lines[4].endswith(" s]")
+    assert lines[4].startswith("  [2 tokens in ") and lines[4].endswith(" s]")
     assert f"attention map (4 layers x 4 heads, averaged): {out}" in result.stdout
     assert_png(out)
     assert result.stderr == ""
@@ -62,13 +63,21 @@ def test_boxes_asked_of_an_answer_without_boxes_say_so(tmp_path, capsys):
 
 def test_boxes_that_cannot_be_read_write_nothing(tmp_path, capsys, monkeypatch):
     "An answer whose boxes cannot be read (here a stand-in for the model) writes no picture."
-    monkeypatch.setattr("nanopali.paligemma.generate", lambda *a, **k: ["<loc0100><loc0200> star"])
+    cut_short = SimpleNamespace(text="<loc0100><loc0200> star", tokens=["<loc0100>", "<loc0200>", "▁star", "<eos>"])
+    monkeypatch.setattr("nanopali.visualize.generate_with_attention", lambda *a, **k: cut_short)
     out = tmp_path / "boxes.png"
     assert main(["--image", SCENE, "--prompt", "detect star", "--boxes", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "could not read a box: '<loc0100><loc0200> star': expected four <locNNNN> tokens" in printed
     assert f"no box could be read, nothing written to {out}" in printed
     assert not out.exists()
+
+
+def test_an_answer_stopped_by_the_token_limit_says_so(capsys):
+    assert main(["--image", SCENE, "--prompt", "caption en", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "a large purple\n  [3 tokens in " in out
+    assert "(stopped at --max-new-tokens 3: the answer may be cut off)" in out
 
 
 def test_the_shipped_model_warns_about_photos(capsys):
@@ -165,7 +174,8 @@ def test_help_documents_every_flag(capsys):
     ("what color is the star?", "answer en what color is the star?"),
     ("  detect   cat ", "detect cat"),
     ("Answer en why?", "answer en why?"),
-    ("Caption EN", "caption EN"),
+    ("Caption EN", "caption en"),
+    ("Detect Red Star", "detect Red Star"),
     ("describe the picture", "answer en describe the picture"),
     ("ocr", "ocr"),
     ("detect", "answer en detect"),

@@ -91,3 +91,17 @@ def test_rgba_and_grayscale_files_work(tmp_path):
     Image.open(IMAGES / "chelsea.png").convert("LA").save(tmp_path / "gray_alpha.png")
     x = preprocess_image(tmp_path / "gray_alpha.png", size=28)
     assert x.shape == (3, 28, 28)
+
+
+def test_a_photo_with_an_orientation_tag_is_turned_upright(tmp_path):
+    "A phone's portrait photo: landscape pixels plus EXIF Orientation 6 (turn 90 degrees clockwise to view)."
+    import numpy as np
+    from transformers.image_utils import load_image as reference_load_image
+
+    photo = Image.open(IMAGES / "coffee.jpg").convert("RGB")
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    ours, theirs = load_image(tmp_path / "phone.jpg"), reference_load_image(str(tmp_path / "phone.jpg"))
+    assert ours.size == theirs.size == (photo.height, photo.width)
+    assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(theirs.convert("RGB")))
