@@ -1,0 +1,322 @@
+"""nanopali against transformers at the real PaliGemma 3B shapes, on the CPU, side by side in one process.
+
+    .venv/bin/python benchmarks/bench_3b.py                 # the full benchmark (about 10 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_3b.py --tiny          # a tiny config, seconds: checks the script works
+
+Writes a checkpoint with random weights and exactly the paligemma-3b-pt-224 configuration, in bfloat16, once
+(weights/random-3b-pt-224, reused afterwards; the speed of a model does not depend on its values). Then measures,
+for nanopali and for transformers on that checkpoint and one image, alternating the two run after run:
+
+- load: seconds to a model ready to run;
+- peak memory: the peak resident memory of a separate process that loads the model and generates (so that the
+  other model does not count);
+- vision: the vision tower and the projector on one image;
+- prefill: generating one token from 256 image + 10 text tokens, minus the vision time;
+- decode: the median time between two generated tokens (greedy), over --tokens tokens and --repeats runs;
+  also as a multiple of the bandwidth floor: the bytes of weights every token reads, divided by the memory
+  bandwidth measured in the same run (a copy of a large tensor);
+- re-encode: decoding the way the educational ports do it, running the vision tower again at every step.
+
+Prints a table and writes it, with the machine's details, to benchmarks/results.md (--out to change).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import nanopali  # noqa: E402
+import nanopali.gemma  # noqa: E402
+from nanopali.bridge import (  # noqa: E402
+    BYTE_TOKENS,
+    IMAGE_TOKEN,
+    LOC_TOKENS,
+    SEG_TOKENS,
+    SPACE,
+    SPECIAL_TOKENS,
+    PaliGemmaProcessor,  # noqa: E402
+)
+from nanopali.paligemma import (  # noqa: E402
+    PALIGEMMA_3B_PT_224_CONFIG,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,  # noqa: E402
+)
+
+TINY_CONFIG = {
+    "model_type": "paligemma", "image_token_index": None, "projection_dim": 64, "hidden_size": 64,
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 1,
+                    "head_dim": 16, "num_hidden_layers": 2, "vocab_size": None, "model_type": "gemma"},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+                      "patch_size": 14, "image_size": 224, "model_type": "siglip_vision_model"},
+}
+
+
+def gemma_layout_tokenizer(pieces: int):
+    """A tokenizer with the real one's id layout: <pad> <eos> <bos> <unk>, "\\n", the 256 bytes, filler pieces up to
+    `pieces` ids (256,000 for the real model), then the 1024 <loc>, the 128 <seg> and <image> (257,152 for the real
+    model). Text is spelled in bytes; a benchmark needs the ids, not good pieces."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ["\n"] + BYTE_TOKENS)}
+    for i in range(len(vocab), pieces):
+        vocab[f"<unused{i}>"] = i
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", SPACE)
+    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in LOC_TOKENS + SEG_TOKENS])
+    tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    return tokenizer
+
+
+def write_checkpoint(folder: Path, tiny: bool) -> None:
+    "A checkpoint with random bfloat16 weights, built without ever holding a float32 copy."
+    config = json.loads(json.dumps(TINY_CONFIG if tiny else PALIGEMMA_3B_PT_224_CONFIG))
+    tokenizer = gemma_layout_tokenizer(1000 if tiny else 256_000)
+    if tiny:
+        config["image_token_index"] = tokenizer.token_to_id(IMAGE_TOKEN)
+        config["text_config"]["vocab_size"] = tokenizer.get_vocab_size()
+    assert config["image_token_index"] == tokenizer.token_to_id(IMAGE_TOKEN)
+    pali_config = PaliGemmaConfig.from_dict(config)
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(pali_config)
+    model = model.to_empty(device="cpu").to(torch.bfloat16)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+    processor = PaliGemmaProcessor(tokenizer, num_image_tokens=pali_config.vision.num_patches,
+                                   image_size=(pali_config.vision.image_size,) * 2)
+    nanopali.save(model, processor, folder)
+
+
+def the_inputs(processor):
+    "One image and a prompt of 10 text tokens (<bos>, 8 bytes, \\n): the 256 + 10 tokens of the issue."
+    inputs = processor([REPO / "images" / "chelsea.png"], ["abcdefgh"])
+    return {k: v for k, v in inputs.items()}
+
+
+class Stamps:
+    "Record the time of every call of a sampling function: the gaps between calls are the decode steps."
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, *args, **kwargs):
+        self.times.append(time.perf_counter())
+
+
+def load(impl: str, folder: Path):
+    if impl == "nanopali":
+        model, _ = nanopali.load(folder, device="cpu", dtype="bfloat16", progress=False)
+        model.language_model.config.eos_token_id = -1  # random weights: never stop early
+        return model
+    import transformers
+
+    model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@torch.inference_mode()
+def vision(impl: str, model, inputs) -> None:
+    pixels = inputs["pixel_values"].to(torch.bfloat16)
+    if impl == "nanopali":
+        model.multi_modal_projector(model.vision_tower(pixels))
+    else:
+        model.get_image_features(pixel_values=pixels)
+
+
+@torch.inference_mode()
+def generate(impl: str, model, inputs, new_tokens: int, stamps=None, reencode: bool = False):
+    "Greedy generation of exactly new_tokens tokens; stamps (if given) records when each token was chosen."
+    if impl == "nanopali":
+        original = nanopali.gemma.sample_next_token
+
+        def sample(*args, **kwargs):
+            if stamps is not None:
+                stamps()
+            if reencode:  # the educational ports: the image through the vision tower again, every step
+                model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
+            return original(*args, **kwargs)
+
+        nanopali.gemma.sample_next_token = sample
+        try:
+            embeds = model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
+            return nanopali.gemma.generate_tokens(model.language_model, embeds, inputs["attention_mask"],
+                                                  inputs["token_type_ids"], max_new_tokens=new_tokens)
+        finally:
+            nanopali.gemma.sample_next_token = original
+    import transformers
+
+    class Stamp(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if stamps is not None:
+                stamps()
+            return scores
+
+    return model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                          token_type_ids=inputs["token_type_ids"], pixel_values=inputs["pixel_values"],
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                          logits_processor=transformers.LogitsProcessorList([Stamp()]), pad_token_id=0)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bandwidth(size_bytes: int = 2**30, repeats: int = 5) -> float:
+    "Bytes per second a tensor copy moves (each byte is read once and written once: both counted)."
+    src = torch.ones(size_bytes // 2, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return 2 * size_bytes / best
+
+
+def weights_read_per_token(folder: Path) -> int:
+    "Bytes of the weights a decode step reads: the language model's layers and its (tied) output head."
+    from safetensors import safe_open
+
+    sizes = {"BF16": 2, "F16": 2, "F32": 4}
+    total = 0
+    with safe_open(folder / "model.safetensors", framework="pt") as f:
+        for name in f.keys():
+            if name.startswith("language_model."):
+                tensor = f.get_slice(name)
+                total += math.prod(tensor.get_shape()) * sizes[tensor.get_dtype()]
+    return total
+
+
+def child_peak_memory(impl: str, folder: Path, tokens: int, threads: int) -> float:
+    "GiB: the peak resident memory of a fresh process that loads the model and generates."
+    code = (f"import sys, resource, torch; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); torch.set_num_threads("
+            f"{threads}); import bench_3b as b; from pathlib import Path; f = Path({str(folder)!r}); "
+            f"m = b.load({impl!r}, f); p = b.PaliGemmaProcessor.from_folder(f); "
+            f"b.generate({impl!r}, m, b.the_inputs(p), {tokens}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) * 1024 / 2**30
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return (f"{cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f}"
+            f" GiB; Python {platform.python_version()}, torch {torch.__version__}, transformers "
+            f"{transformers.__version__}, {torch.get_num_threads()} threads")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny config instead of the 3B shapes (a smoke test)")
+    parser.add_argument("--checkpoint", type=Path, help="where the random checkpoint is (or is written)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=16, help="decode steps per run (at least 16 for the table)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = args.checkpoint or REPO / "weights" / ("random-tiny" if args.tiny else "random-3b-pt-224")
+    if not (folder / "model.safetensors").is_file():
+        print(f"writing a random checkpoint to {folder} (once) ...", flush=True)
+        write_checkpoint(folder, args.tiny)
+    checkpoint_gib = (folder / "model.safetensors").stat().st_size / 2**30
+    impls = ["nanopali", "transformers"]
+
+    print("peak memory, each in a fresh process ...", flush=True)
+    peak = {impl: child_peak_memory(impl, folder, args.tokens, args.threads) for impl in impls}
+    processor = PaliGemmaProcessor.from_folder(folder)
+    inputs = the_inputs(processor)
+    text_tokens = int((inputs["input_ids"] != processor.image_token_id).sum())
+    models, load_s = {}, {}
+    for impl in impls:
+        start = time.perf_counter()
+        models[impl] = load(impl, folder)
+        load_s[impl] = time.perf_counter() - start
+    bytes_per_token = weights_read_per_token(folder)
+    bw = bandwidth(2**28 if args.tiny else 2**30)
+
+    results = {impl: {"vision": [], "prefill": [], "decode": []} for impl in impls}
+    for impl in impls:  # warm-up: first touches of the memory-mapped weights, kernel selection
+        generate(impl, models[impl], inputs, 2)
+    for rep in range(args.repeats):
+        for impl in impls if rep % 2 == 0 else impls[::-1]:  # alternate who goes first
+            model, r = models[impl], results[impl]
+            v = timed(lambda impl=impl, model=model: vision(impl, model, inputs))
+            one = timed(lambda impl=impl, model=model: generate(impl, model, inputs, 1))
+            stamps = Stamps()
+            generate(impl, model, inputs, args.tokens + 1, stamps)
+            r["vision"].append(v)
+            r["prefill"].append(one - v)
+            r["decode"] += [b - a for a, b in zip(stamps.times, stamps.times[1:])]
+            print(f"run {rep + 1}/{args.repeats} {impl:12s} vision {v:.3f} s, prefill {one - v:.3f} s, decode "
+                  f"{statistics.median(r['decode'][-args.tokens:]) * 1e3:.1f} ms/token", flush=True)
+    stamps = Stamps()
+    generate("nanopali", models["nanopali"], inputs, min(args.tokens, 8) + 1, stamps, reencode=True)
+    reencode = statistics.median(b - a for a, b in zip(stamps.times, stamps.times[1:]))
+
+    floor = bytes_per_token / bw
+    rows = []
+
+    def row(name, unit, ours, theirs, fmt):
+        rows.append(f"| {name} | {fmt(ours)} {unit} | {fmt(theirs)} {unit} | {ours / theirs:.2f} |")
+
+    med = {impl: {k: statistics.median(v) for k, v in results[impl].items()} for impl in impls}
+    row("load", "s", load_s["nanopali"], load_s["transformers"], lambda x: f"{x:.2f}")
+    row("peak memory", "GiB", peak["nanopali"], peak["transformers"], lambda x: f"{x:.2f}")
+    row("vision tower + projector", "s", med["nanopali"]["vision"], med["transformers"]["vision"],
+        lambda x: f"{x:.3f}")
+    row(f"prefill, 256 image + {text_tokens} text tokens", "s", med["nanopali"]["prefill"],
+        med["transformers"]["prefill"], lambda x: f"{x:.3f}")
+    row("decode, median per token", "ms", med["nanopali"]["decode"] * 1e3, med["transformers"]["decode"] * 1e3,
+        lambda x: f"{x:.1f}")
+    decode_floor = (f"| decode / bandwidth floor | {med['nanopali']['decode'] / floor:.2f}x | "
+                    f"{med['transformers']['decode'] / floor:.2f}x | |")
+    table = "\n".join(["| | nanopali | transformers | nanopali / transformers |", "|---|---|---|---|", *rows,
+                       decode_floor])
+    notes = (f"- checkpoint: `{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}`, random "
+             f"weights, {'tiny config' if args.tiny else 'paligemma-3b-pt-224 configuration'}, bfloat16, "
+             f"{checkpoint_gib:.2f} GiB; peak memory / checkpoint: nanopali {peak['nanopali'] / checkpoint_gib:.2f}, "
+             f"transformers {peak['transformers'] / checkpoint_gib:.2f}\n"
+             f"- bandwidth floor: {bytes_per_token / 1e9:.2f} GB of weights read per token / {bw / 1e9:.1f} GB/s "
+             f"(tensor copy, read + write) = {floor * 1e3:.0f} ms/token\n"
+             f"- re-encoding the image at every step, as the educational ports do: {reencode * 1e3:.0f} ms/token "
+             f"(nanopali's decode with the vision tower run again each step), "
+             f"{reencode / med['nanopali']['decode']:.1f}x the cached decode\n"
+             f"- {args.repeats} alternating runs of {args.tokens} decode steps each; machine: {machine()}\n"
+             f"- made by `python benchmarks/bench_3b.py{' --tiny' if args.tiny else ''}` on "
+             f"{time.strftime('%Y-%m-%d')}")
+    report = f"{table}\n\n{notes}\n"
+    print("\n" + report)
+    args.out.write_text(f"# nanopali vs transformers{' (tiny smoke run)' if args.tiny else ''}\n\n{report}")
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
