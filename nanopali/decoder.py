@@ -93,12 +93,17 @@ class GemmaAttention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:  # lesson 06: continue with every cached key and value of this layer
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, G, L_key, d)
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, L_key, d)
         mask = None if mask is None else mask[:, None]  # (B, 1, L, L_key): the same for every head
         if return_attention:
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, L_key, d)
             out, weights = eager_attention(q, k, v, mask=mask)  # scale 1 / sqrt(head_dim)
-        else:
-            out, weights = F.scaled_dot_product_attention(q, k, v, attn_mask=mask), None
+        else:  # a group's n_rep query heads, stacked as one longer query against their shared key/value head
+            G, T, n = self.num_kv_heads, k.shape[2], self.n_rep * L
+            q_stacked = q.reshape(B, G, n, self.head_dim)  # (B, G, n_rep * L, d): head g * n_rep + r, row r * L + i
+            if mask is not None:
+                mask = mask[:, :, None].expand(B, 1, self.n_rep, L, T).reshape(B, 1, n, T)  # the same rows
+            out = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=mask)  # (B, G, n_rep * L, d)
+            out, weights = out.view(B, self.num_heads, L, self.head_dim), None
         out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # merge heads
         return self.o_proj(out), weights
 
