@@ -36,22 +36,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import nanopali  # noqa: E402
-import nanopali.gemma  # noqa: E402
-from nanopali.bridge import (  # noqa: E402
-    BYTE_TOKENS,
-    IMAGE_TOKEN,
-    LOC_TOKENS,
-    SEG_TOKENS,
-    SPACE,
-    SPECIAL_TOKENS,
-    PaliGemmaProcessor,  # noqa: E402
-)
-from nanopali.paligemma import (  # noqa: E402
-    PALIGEMMA_3B_PT_224_CONFIG,
-    PaliGemmaConfig,
-    PaliGemmaForConditionalGeneration,  # noqa: E402
-)
+import nanopali
+import nanopali.gemma
+from nanopali.bridge import BYTE_TOKENS, IMAGE_TOKEN, LOC_TOKENS, SEG_TOKENS, SPACE, SPECIAL_TOKENS, PaliGemmaProcessor
+from nanopali.paligemma import PALIGEMMA_3B_PT_224_CONFIG, PaliGemmaConfig, PaliGemmaForConditionalGeneration
+from nanopali.quantize import quantize_int8
 
 TINY_CONFIG = {
     "model_type": "paligemma", "image_token_index": None, "projection_dim": 64, "hidden_size": 64,
@@ -121,10 +110,11 @@ class Stamps:
 
 
 def load(impl: str, folder: Path):
-    if impl == "nanopali":
+    "impl: nanopali, nanopali-int8 (lesson 10's weight-only int8) or transformers."
+    if impl.startswith("nanopali"):
         model, _ = nanopali.load(folder, device="cpu", dtype="bfloat16", progress=False)
         model.language_model.config.eos_token_id = -1  # random weights: never stop early
-        return model
+        return quantize_int8(model) if impl == "nanopali-int8" else model
     import transformers
 
     model = transformers.PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).eval()
@@ -135,7 +125,7 @@ def load(impl: str, folder: Path):
 @torch.inference_mode()
 def vision(impl: str, model, inputs) -> None:
     pixels = inputs["pixel_values"].to(torch.bfloat16)
-    if impl == "nanopali":
+    if impl.startswith("nanopali"):
         model.multi_modal_projector(model.vision_tower(pixels))
     else:
         model.get_image_features(pixel_values=pixels)
@@ -144,7 +134,7 @@ def vision(impl: str, model, inputs) -> None:
 @torch.inference_mode()
 def generate(impl: str, model, inputs, new_tokens: int, stamps=None, reencode: bool = False):
     "Greedy generation of exactly new_tokens tokens; stamps (if given) records when each token was chosen."
-    if impl == "nanopali":
+    if impl.startswith("nanopali"):
         original = nanopali.gemma.sample_next_token
 
         def sample(*args, **kwargs):
@@ -204,6 +194,23 @@ def weights_read_per_token(folder: Path) -> int:
     return total
 
 
+@torch.inference_mode()
+def int8_quality(bf16_model, int8_model, inputs, tokens: int):
+    """Teacher-forced comparison on the prompt plus the tokens bfloat16 generates: the share of positions whose best
+    next token is the same, the largest logit difference, and the span of the bfloat16 logits."""
+    new = generate("nanopali", bf16_model, inputs, tokens)
+    logits = []
+    for model in (bf16_model, int8_model):
+        embeds = model.embed_inputs(inputs["input_ids"], inputs["pixel_values"])
+        embeds = torch.cat([embeds, model.language_model.model.embed(new)], dim=1)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        types = torch.cat([inputs["token_type_ids"], torch.ones_like(new)], dim=1)
+        out = model.language_model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types)
+        logits.append(out[0, -tokens - 1 :].float())  # the positions that choose the last prompt token onwards
+    agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean().item()
+    return agree, (logits[0] - logits[1]).abs().max().item(), (logits[0].max() - logits[0].min()).item()
+
+
 def child_peak_memory(impl: str, folder: Path, tokens: int, threads: int) -> float:
     "GiB: the peak resident memory of a fresh process that loads the model and generates."
     code = (f"import sys, resource, torch; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); torch.set_num_threads("
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
         print(f"writing a random checkpoint to {folder} (once) ...", flush=True)
         write_checkpoint(folder, args.tiny)
     checkpoint_gib = (folder / "model.safetensors").stat().st_size / 2**30
-    impls = ["nanopali", "transformers"]
+    impls = ["nanopali", "transformers", "nanopali-int8"]
 
     print("peak memory, each in a fresh process ...", flush=True)
     peak = {impl: child_peak_memory(impl, folder, args.tokens, args.threads) for impl in impls}
@@ -265,7 +272,7 @@ def main(argv=None) -> int:
     for impl in impls:  # warm-up: first touches of the memory-mapped weights, kernel selection
         generate(impl, models[impl], inputs, 2)
     for rep in range(args.repeats):
-        for impl in impls if rep % 2 == 0 else impls[::-1]:  # alternate who goes first
+        for impl in impls if rep % 2 == 0 else impls[::-1]:  # alternate the order
             model, r = models[impl], results[impl]
             v = timed(lambda impl=impl, model=model: vision(impl, model, inputs))
             one = timed(lambda impl=impl, model=model: generate(impl, model, inputs, 1))
@@ -281,34 +288,41 @@ def main(argv=None) -> int:
     reencode = statistics.median(b - a for a, b in zip(stamps.times, stamps.times[1:]))
 
     floor = bytes_per_token / bw
-    rows = []
-
-    def row(name, unit, ours, theirs, fmt):
-        rows.append(f"| {name} | {fmt(ours)} {unit} | {fmt(theirs)} {unit} | {ours / theirs:.2f} |")
-
+    agree, max_diff, span = int8_quality(models["nanopali"], models["nanopali-int8"], inputs, args.tokens)
     med = {impl: {k: statistics.median(v) for k, v in results[impl].items()} for impl in impls}
-    row("load", "s", load_s["nanopali"], load_s["transformers"], lambda x: f"{x:.2f}")
-    row("peak memory", "GiB", peak["nanopali"], peak["transformers"], lambda x: f"{x:.2f}")
-    row("vision tower + projector", "s", med["nanopali"]["vision"], med["transformers"]["vision"],
-        lambda x: f"{x:.3f}")
-    row(f"prefill, 256 image + {text_tokens} text tokens", "s", med["nanopali"]["prefill"],
-        med["transformers"]["prefill"], lambda x: f"{x:.3f}")
-    row("decode, median per token", "ms", med["nanopali"]["decode"] * 1e3, med["transformers"]["decode"] * 1e3,
-        lambda x: f"{x:.1f}")
-    decode_floor = (f"| decode / bandwidth floor | {med['nanopali']['decode'] / floor:.2f}x | "
-                    f"{med['transformers']['decode'] / floor:.2f}x | |")
-    table = "\n".join(["| | nanopali | transformers | nanopali / transformers |", "|---|---|---|---|", *rows,
-                       decode_floor])
-    notes = (f"- checkpoint: `{folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder}`, random "
-             f"weights, {'tiny config' if args.tiny else 'paligemma-3b-pt-224 configuration'}, bfloat16, "
-             f"{checkpoint_gib:.2f} GiB; peak memory / checkpoint: nanopali {peak['nanopali'] / checkpoint_gib:.2f}, "
-             f"transformers {peak['transformers'] / checkpoint_gib:.2f}\n"
-             f"- bandwidth floor: {bytes_per_token / 1e9:.2f} GB of weights read per token / {bw / 1e9:.1f} GB/s "
-             f"(copying a 1 GiB tensor) = {floor * 1e3:.0f} ms/token\n"
+    values = {
+        "load, s": ({i: load_s[i] for i in impls}, "{:.2f}"),
+        "peak memory, GiB": (peak, "{:.2f}"),
+        "vision tower + projector, s": ({i: med[i]["vision"] for i in impls}, "{:.3f}"),
+        f"prefill, 256 image + {text_tokens} text tokens, s": ({i: med[i]["prefill"] for i in impls}, "{:.3f}"),
+        "decode, median ms per token": ({i: med[i]["decode"] * 1e3 for i in impls}, "{:.1f}"),
+        "decode / bandwidth floor": ({i: med[i]["decode"] / floor for i in impls}, "{:.2f}x"),
+    }
+    lines = ["| | nanopali | transformers | nanopali / transformers | nanopali int8 | int8 / transformers |",
+             "|---|---|---|---|---|---|"]
+    for name, (v, fmt) in values.items():
+        ratio = "" if name.startswith("decode /") else f"{v['nanopali'] / v['transformers']:.2f}"
+        ratio8 = "" if name.startswith("decode /") else f"{v['nanopali-int8'] / v['transformers']:.2f}"
+        lines.append(f"| {name} | {fmt.format(v['nanopali'])} | {fmt.format(v['transformers'])} | {ratio} | "
+                     f"{fmt.format(v['nanopali-int8'])} | {ratio8} |")
+    table = "\n".join(lines)
+    shown = folder.relative_to(REPO) if folder.is_relative_to(REPO) else folder
+    which = "tiny config" if args.tiny else "paligemma-3b-pt-224 configuration"
+    notes = (f"- checkpoint: `{shown}`, random weights, {which}, bfloat16, {checkpoint_gib:.2f} GiB; peak memory / "
+             f"checkpoint: nanopali {peak['nanopali'] / checkpoint_gib:.2f}, transformers "
+             f"{peak['transformers'] / checkpoint_gib:.2f}, nanopali int8 "
+             f"{peak['nanopali-int8'] / checkpoint_gib:.2f}\n"
+             f"- bandwidth floor: {bytes_per_token / 1e9:.2f} GB of bfloat16 weights read per token / "
+             f"{bw / 1e9:.1f} GB/s (copying a 1 GiB tensor) = {floor * 1e3:.0f} ms/token "
+             "(int8 reads about half)\n"
+             f"- int8 against bfloat16 (nanopali, the same prompt and the {args.tokens} tokens bfloat16 generated, "
+             f"teacher-forced): next-token agreement {agree:.1%}, largest logit difference {max_diff:.3f} (logits "
+             f"span {span:.1f})\n"
              f"- re-encoding the image at every step, as the educational ports do: {reencode * 1e3:.0f} ms/token "
              f"(nanopali's decode with the vision tower run again each step), "
              f"{reencode / med['nanopali']['decode']:.1f}x the cached decode\n"
-             f"- {args.repeats} alternating runs of {args.tokens} decode steps each; machine: {machine()}\n"
+             f"- {args.repeats} runs of {args.tokens} decode steps each, the implementations in alternating order; "
+             f"machine: {machine()}\n"
              f"- made by `python benchmarks/bench_3b.py{' --tiny' if args.tiny else ''}` on "
              f"{time.strftime('%Y-%m-%d')}")
     report = f"{table}\n\n{notes}\n"

@@ -56,6 +56,7 @@ class GemmaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = GemmaModel(config)
+        self.output_head = None  # None: the tied embedding table. Lesson 10 may put an int8 copy of it here
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
                 kv_cache=None, last_only=False, return_attention=False):
@@ -77,7 +78,10 @@ class GemmaForCausalLM(nn.Module):
                                      last_only)
         if last_only:
             hidden = hidden[:, -1:]  # (B, 1, D): the only position whose prediction generation needs
-        logits = F.linear(hidden, self.model.embed_tokens.weight)  # tied head: (B, L, vocab)
+        if self.output_head is None:
+            logits = F.linear(hidden, self.model.embed_tokens.weight)  # tied head: (B, L, vocab)
+        else:
+            logits = self.output_head(hidden)
         return (logits, weights) if return_attention else logits
 
 

@@ -80,6 +80,13 @@ def test_an_answer_stopped_by_the_token_limit_says_so(capsys):
     assert "(stopped at --max-new-tokens 3: the answer may be cut off)" in out
 
 
+def test_int8_answers_the_same(capsys):
+    assert main(["--image", SCENE, "--prompt", "caption en", "--int8"]) == 0
+    out = capsys.readouterr().out
+    assert "int8: the language model's weights quantized in" in out
+    assert "\na large purple triangle, a small green star and a small red circle\n" in out
+
+
 def test_the_shipped_model_warns_about_photos(capsys):
     assert main(["--image", str(REPO / "images" / "chelsea.png"), "--prompt", "caption en",
                  "--max-new-tokens", "2"]) == 0
@@ -164,7 +171,7 @@ def test_help_documents_every_flag(capsys):
     assert stopped.value.code == 0
     text = capsys.readouterr().out
     for flag in ["--weights", "--image", "--prompt", "--max-new-tokens", "--sample", "--temperature", "--top-k",
-                 "--top-p", "--seed", "--device", "--dtype", "--attention-map", "--boxes", "Ask anything",
+                 "--int8", "--top-p", "--seed", "--device", "--dtype", "--attention-map", "--boxes", "Ask anything",
                  "detect star ; circle", "answer en"]:
         assert flag in text, flag
 

@@ -1,0 +1,72 @@
+"""Lesson 10's weight-only int8: the rounding is within half a step, both paths of Int8Linear compute the dequantized
+product, a quantized model generates consistently, and the shipped model keeps its answers."""
+
+import pytest
+import torch
+from torch import nn
+
+import nanopali
+from nanopali.decoder import GemmaConfig
+from nanopali.gemma import GemmaForCausalLM, generate_tokens
+from nanopali.quantize import Int8Linear, quantize_int8, quantize_rows
+from nanopali.train import evaluate
+
+from conftest import REPO
+
+
+def test_rounding_is_within_half_a_step_per_row():
+    torch.manual_seed(0)
+    w = torch.randn(300, 64) * torch.logspace(-3, 2, 300)[:, None]  # rows of very different sizes
+    q, scale = quantize_rows(w, rows_per_step=7)  # several blocks, the last one partial
+    assert q.dtype == torch.int8 and scale.shape == (300,)
+    assert (q.abs().amax(dim=1) == 127).all()  # every row uses the whole range
+    error = (q.float() * scale[:, None] - w).abs()
+    assert (error <= scale[:, None] / 2 + 1e-6 * w.abs().amax(dim=1, keepdim=True)).all()
+
+
+def test_a_row_of_zeros_stays_zero():
+    q, scale = quantize_rows(torch.zeros(2, 16))
+    assert (q == 0).all() and torch.isfinite(scale).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_paths_compute_the_dequantized_product(rows, dtype):
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48).to(dtype)
+    layer = Int8Linear(linear.weight, linear.bias)
+    x = torch.randn(2, rows, 64, dtype=dtype)
+    expected = x.float() @ (layer.weight_int8.float() * layer.scale[:, None]).T + linear.bias.float()
+    got = layer(x)
+    assert got.shape == (2, rows, 48) and got.dtype == dtype
+    tolerance = 1e-4 if dtype == torch.float32 else 0.05 * expected.abs().max().item()
+    torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=0.02)
+
+
+def test_widths_the_kernel_cannot_take_use_the_safe_path():
+    "The int8 kernel needs the input width to be a multiple of 16 (60 crashed the process): 60 must not reach it."
+    linear = nn.Linear(60, 50)
+    layer = Int8Linear(linear.weight, linear.bias)
+    x = torch.randn(1, 60)
+    torch.testing.assert_close(layer(x), linear(x), atol=0.05, rtol=0.05)
+
+
+def test_a_quantized_gemma_generates_alike_with_and_without_the_cache():
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig.tiny(num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    prompt = model.model.embed(torch.tensor([[2, 300, 301, 302, 303]]))
+    quantize_int8(model)
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * 7 + 1  # 2 layers x 7, and the head
+    with_cache = generate_tokens(model, prompt, max_new_tokens=8)
+    assert torch.equal(with_cache, generate_tokens(model, prompt, max_new_tokens=8, use_cache=False))
+
+
+def test_the_shipped_model_keeps_its_answers():
+    model, processor = nanopali.load(REPO / "weights" / "nanopali-shapes", device="cpu", dtype="float32")
+    before = evaluate(model, processor, num_scenes=50)
+    after = evaluate(quantize_int8(model), processor, num_scenes=50)
+    for task in before:
+        assert abs(after[task] - before[task]) <= 0.03, (task, before[task], after[task])
