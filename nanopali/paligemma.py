@@ -244,6 +244,34 @@ def _index_mismatch(folder: Path, name: str, file: str, weight_map: dict):
     raise ValueError(f"{folder}: {name} is in {file}, but {says}: the index and the shards do not belong together")
 
 
+SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _read_header(handle) -> tuple[dict, int]:
+    "A safetensors file is 8 bytes (the header's length), a JSON header, then the tensors' raw bytes, back to back."
+    length = int.from_bytes(handle.read(8), "little")
+    return json.loads(handle.read(length)), 8 + length
+
+
+def _read_tensor(handle, info: dict, data_start: int, dtype, device, chunk_bytes: int = 2**26) -> torch.Tensor:
+    """One tensor's bytes, read into new memory of the target dtype (cast chunk by chunk: a float32 file never needs a
+    float32 copy of a whole tensor), then moved to the device."""
+    shape, (start, end), file_dtype = info["shape"], info["data_offsets"], SAFETENSORS_FLOATS[info["dtype"]]
+    out = torch.empty(shape, dtype=dtype)
+    flat, size = out.view(-1), torch.tensor([], dtype=file_dtype).element_size()
+    if flat.numel() * size != end - start:
+        raise ValueError(f"the header gives {end - start} bytes for a {info['dtype']} tensor of shape {shape}")
+    buffer = flat if file_dtype == dtype else torch.empty(min(flat.numel(), chunk_bytes // size), dtype=file_dtype)
+    handle.seek(data_start + start)
+    for first in range(0, flat.numel(), max(buffer.numel(), 1)):
+        part = buffer[: min(buffer.numel(), flat.numel() - first)] if buffer is not flat else flat
+        if handle.readinto(part.view(torch.uint8).numpy()) != part.numel() * size:
+            raise ValueError("the file ends before this tensor does: it is truncated")
+        if buffer is not flat:
+            flat[first : first + part.numel()].copy_(part)  # the cast
+    return out.to(device)
+
+
 def load(path: str | Path, device=None, dtype=None, progress: bool | None = None):
     """Load a PaliGemma checkpoint folder (Hugging Face layout) -> (model, processor). device: None/'auto', 'cpu',
     'cuda', 'mps'; dtype: bfloat16 (default) or float32. progress: a progress bar (default: for folders over 1 GB)."""
@@ -287,7 +315,8 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
     with tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}", disable=not show) as bar:
         for file in files:
             try:
-                with safe_open(str(file), framework="pt") as f:
+                with safe_open(str(file), framework="pt") as f, open(file, "rb") as handle:
+                    header, data_start = _read_header(handle)
                     for name in f.keys():
                         ours = canonical_name(name)
                         if ours in seen:
@@ -300,11 +329,15 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
                         if ours != "lm_head.weight" and ours not in expected:
                             unexpected.append(name)
                             continue
-                        raw = f.get_tensor(name)  # memory-mapped: nothing is copied yet
-                        bar.update(raw.numel() * raw.element_size())
-                        if not raw.is_floating_point():
-                            raise ValueError(f"{folder}: {name} holds {raw.dtype} numbers, not floating-point weights")
-                        tensor = raw.to(device=device, dtype=dtype)  # cast once (no copy if dtype and device match)
+                        info = header[name]
+                        if info["dtype"] not in SAFETENSORS_FLOATS:
+                            raise ValueError(f"{folder}: {name} holds {info['dtype']} numbers, not floating-point "
+                                             "weights")
+                        try:
+                            tensor = _read_tensor(handle, info, data_start, dtype, device)
+                        except ValueError as e:
+                            raise ValueError(f"{file}: {name}: {e}: download it again") from None
+                        bar.update(info["data_offsets"][1] - info["data_offsets"][0])
                         if ours == "lm_head.weight":
                             head = tensor
                         elif tensor.shape != expected[ours]:
