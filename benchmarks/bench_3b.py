@@ -14,7 +14,7 @@ for nanopali and for transformers on that checkpoint and one image, alternating 
 - prefill: generating one token from 256 image + 10 text tokens, minus the vision time;
 - decode: the median time between two generated tokens (greedy), over --tokens tokens and --repeats runs;
   also as a multiple of the bandwidth floor: the bytes of weights every token reads, divided by the memory
-  bandwidth measured in the same run (a copy of a large tensor);
+  read speed measured in the same run (summing a large tensor);
 - re-encode: decoding the way the educational ports do it, running the vision tower again at every step.
 
 Prints a table and writes it, with the machine's details, to benchmarks/results.md (--out to change).
@@ -40,7 +40,7 @@ import nanopali
 import nanopali.gemma
 from nanopali.bridge import BYTE_TOKENS, IMAGE_TOKEN, LOC_TOKENS, SEG_TOKENS, SPACE, SPECIAL_TOKENS, PaliGemmaProcessor
 from nanopali.paligemma import PALIGEMMA_3B_PT_224_CONFIG, PaliGemmaConfig, PaliGemmaForConditionalGeneration
-from nanopali.quantize import quantize_int8
+from nanopali.quantize import Int8Linear, quantize_int8
 
 TINY_CONFIG = {
     "model_type": "paligemma", "image_token_index": None, "projection_dim": 64, "hidden_size": 64,
@@ -171,13 +171,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bandwidth(size_bytes: int = 2**30, repeats: int = 5) -> float:
-    "Bytes per second this machine copies: size / time of copying a large tensor (the best of a few)."
+def bandwidth(size_bytes: int = 2**30, repeats: int = 5) -> tuple[float, float]:
+    """Bytes per second this machine (read, copy): summing a large tensor reads each byte once; copying one moves
+    size bytes (read, then written). The best of a few of each. Decoding reads weights: the read speed is its floor."""
     src = torch.ones(size_bytes // 2, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
-    return size_bytes / best
+    read = min(timed(lambda: src.sum()) for _ in range(repeats))
+    copy = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return size_bytes / read, size_bytes / copy
 
 
 def weights_read_per_token(folder: Path) -> int:
@@ -266,10 +268,14 @@ def main(argv=None) -> int:
         models[impl] = load(impl, folder)
         load_s[impl] = time.perf_counter() - start
     bytes_per_token = weights_read_per_token(folder)
-    bw = bandwidth(2**28 if args.tiny else 2**30)
+    bw, copy_bw = bandwidth(2**28 if args.tiny else 2**30)
+    int8_bytes = sum(m.weight_int8.numel() + 4 * m.scale.numel() for m in models["nanopali-int8"].modules()
+                     if isinstance(m, Int8Linear))
+    int8_bytes += sum(p.numel() * p.element_size() for n, p in models["nanopali-int8"].language_model.named_parameters()
+                      if "norm" in n)  # what else a decode step reads (the embedding table: one row)
 
     results = {impl: {"vision": [], "prefill": [], "decode": []} for impl in impls}
-    for impl in impls:  # warm-up: first touches of the memory-mapped weights, kernel selection
+    for impl in impls:  # warm-up: transformers' memory-mapped weights are paged in, kernels are chosen
         generate(impl, models[impl], inputs, 2)
     for rep in range(args.repeats):
         for impl in impls if rep % 2 == 0 else impls[::-1]:  # alternate the order
@@ -287,7 +293,7 @@ def main(argv=None) -> int:
     generate("nanopali", models["nanopali"], inputs, min(args.tokens, 8) + 1, stamps, reencode=True)
     reencode = statistics.median(b - a for a, b in zip(stamps.times, stamps.times[1:]))
 
-    floor = bytes_per_token / bw
+    floor = {"nanopali": bytes_per_token / bw, "transformers": bytes_per_token / bw, "nanopali-int8": int8_bytes / bw}
     agree, max_diff, span = int8_quality(models["nanopali"], models["nanopali-int8"], inputs, args.tokens)
     med = {impl: {k: statistics.median(v) for k, v in results[impl].items()} for impl in impls}
     values = {
@@ -296,7 +302,7 @@ def main(argv=None) -> int:
         "vision tower + projector, s": ({i: med[i]["vision"] for i in impls}, "{:.3f}"),
         f"prefill, 256 image + {text_tokens} text tokens, s": ({i: med[i]["prefill"] for i in impls}, "{:.3f}"),
         "decode, median ms per token": ({i: med[i]["decode"] * 1e3 for i in impls}, "{:.1f}"),
-        "decode / bandwidth floor": ({i: med[i]["decode"] / floor for i in impls}, "{:.2f}x"),
+        "decode / bandwidth floor": ({i: med[i]["decode"] / floor[i] for i in impls}, "{:.2f}x"),
     }
     lines = ["| | nanopali | transformers | nanopali / transformers | nanopali int8 | int8 / transformers |",
              "|---|---|---|---|---|---|"]
@@ -312,9 +318,10 @@ def main(argv=None) -> int:
              f"checkpoint: nanopali {peak['nanopali'] / checkpoint_gib:.2f}, transformers "
              f"{peak['transformers'] / checkpoint_gib:.2f}, nanopali int8 "
              f"{peak['nanopali-int8'] / checkpoint_gib:.2f}\n"
-             f"- bandwidth floor: {bytes_per_token / 1e9:.2f} GB of bfloat16 weights read per token / "
-             f"{bw / 1e9:.1f} GB/s (copying a 1 GiB tensor) = {floor * 1e3:.0f} ms/token "
-             "(int8 reads about half)\n"
+             f"- bandwidth floor: the weights a decode step reads / the read speed measured in this run "
+             f"({bw / 1e9:.1f} GB/s summing a 1 GiB tensor; copying one: {copy_bw / 1e9:.1f} GB/s): bfloat16 "
+             f"{bytes_per_token / 1e9:.2f} GB = {floor['nanopali'] * 1e3:.0f} ms/token, int8 "
+             f"{int8_bytes / 1e9:.2f} GB = {floor['nanopali-int8'] * 1e3:.0f} ms/token\n"
              f"- int8 against bfloat16 (nanopali, the same prompt and the {args.tokens} tokens bfloat16 generated, "
              f"teacher-forced): next-token agreement {agree:.1%}, largest logit difference {max_diff:.3f} (logits "
              f"span {span:.1f})\n"

@@ -41,9 +41,9 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features)  # (M, in)
         scale = self.scale.to(x.dtype)
-        if x.shape[0] <= 4 and x.device.type == "cpu" and self.in_features % 16 == 0:  # decoding
+        if x.shape[0] <= 16 and x.device.type == "cpu" and self.in_features % 16 == 0:  # decoding
             out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight_int8, scale)
-        else:  # many rows (a prefill), or another device: convert the weight once, then an ordinary product
+        else:  # many rows (a prefill), or another width or device: convert the weight, then an ordinary product
             key = (self.weight_int8.numel(), x.dtype, x.device)
             if key not in _SCRATCH:
                 _SCRATCH[key] = torch.empty(key[0], dtype=x.dtype, device=x.device)
@@ -58,9 +58,14 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model):
-    """Make the language model's linear layers and its output head int8, in place; returns the model. The vision
-    tower runs once per image, on many rows at a time, where int8 would not help: it stays as it is."""
+    """Make the language model's linear layers and its output head int8, in place; returns the model (for inference
+    on the CPU only). The vision tower runs once per image, on many rows at a time, where int8 would not help: it
+    stays as it is."""
     language_model = getattr(model, "language_model", model)  # a PaliGemma, or a Gemma on its own
+    device = language_model.model.embed_tokens.weight.device
+    if device.type != "cpu":
+        raise ValueError(f"the model is on {device}: int8 here uses PyTorch's CPU kernel (elsewhere every product "
+                         "would convert the weights first, slower than bfloat16). Load the model on the CPU")
     for layer in language_model.model.layers:
         for block in (layer.self_attn, layer.mlp):
             for name, child in list(block.named_children()):
