@@ -146,8 +146,9 @@ def save(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor
         plain = set(PaliGemmaForConditionalGeneration(model.config).state_dict())
     if set(model.state_dict()) != plain:
         changed = sorted(set(model.state_dict()) ^ plain)[:3]
-        raise ValueError(f"this model's tensors are not those of a PaliGemma ({', '.join(changed)}, ...): it was changed "
-                         "after loading (lesson 10's int8, for one). Save the model as loaded, before changing it")
+        raise ValueError(f"this model's tensors are not those of a PaliGemma ({', '.join(changed)}, ...): it was "
+                         "changed after loading (lesson 10's int8, for one). Save the model as loaded, before changing "
+                         "it")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stale = sorted(f.name for f in folder.glob("model*.safetensors*") if f.name != "model.safetensors")
