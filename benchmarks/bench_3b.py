@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO))
 
 import nanopali
 import nanopali.gemma
-from nanopali.bridge import BYTE_TOKENS, IMAGE_TOKEN, LOC_TOKENS, SEG_TOKENS, SPACE, SPECIAL_TOKENS, PaliGemmaProcessor
+from nanopali.bridge import IMAGE_TOKEN, PaliGemmaProcessor, build_tokenizer
 from nanopali.paligemma import PALIGEMMA_3B_PT_224_CONFIG, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 from nanopali.quantize import Int8Linear, quantize_int8
 
@@ -52,21 +52,19 @@ TINY_CONFIG = {
 
 
 def gemma_layout_tokenizer(pieces: int):
-    """A tokenizer with the real one's id layout: <pad> <eos> <bos> <unk>, "\\n", the 256 bytes, filler pieces up to
+    """Lesson 03's tokenizer, stretched to the real one's id layout: its learned pieces, then filler pieces up to
     `pieces` ids (256,000 for the real model), then the 1024 <loc>, the 128 <seg> and <image> (257,152 for the real
-    model). Text is spelled in bytes; a benchmark needs the ids, not good pieces."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+    model). A benchmark needs the ids, not good pieces."""
+    from tokenizers import Tokenizer
 
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ["\n"] + BYTE_TOKENS)}
-    for i in range(len(vocab), pieces):
-        vocab[f"<unused{i}>"] = i
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
-    tokenizer.normalizer = normalizers.Replace(" ", SPACE)
-    tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in LOC_TOKENS + SEG_TOKENS])
-    tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
-    return tokenizer
+    data = json.loads(build_tokenizer(["caption en"], vocab_size=300).to_str())
+    vocab = data["model"]["vocab"]
+    shift = pieces - len(vocab)  # the <loc>, <seg> and <image> ids move up by this much
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), pieces)})
+    for token in data["added_tokens"]:
+        if token["id"] >= pieces - shift:
+            token["id"] += shift
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def write_checkpoint(folder: Path, tiny: bool) -> None:
