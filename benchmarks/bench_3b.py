@@ -93,8 +93,7 @@ def write_checkpoint(folder: Path, tiny: bool) -> None:
 
 def the_inputs(processor):
     "One image and a prompt of 10 text tokens (<bos>, 8 bytes, \\n): the 256 + 10 tokens of the issue."
-    inputs = processor([REPO / "images" / "chelsea.png"], ["abcdefgh"])
-    return {k: v for k, v in inputs.items()}
+    return processor([REPO / "images" / "chelsea.png"], ["abcdefgh"])
 
 
 class Stamps:

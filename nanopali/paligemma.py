@@ -260,21 +260,27 @@ def _read_header(handle) -> tuple[dict, int]:
     return json.loads(handle.read(length)), 8 + length
 
 
+def _read_into(handle, tensor: torch.Tensor) -> None:
+    "Fill a contiguous tensor with the file's next bytes; a file that ends too soon is an error."
+    if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.numel() * tensor.element_size():
+        raise ValueError("the file ends before this tensor does: it is truncated")
+
+
 def _read_tensor(handle, info: dict, data_start: int, dtype, device, chunk_bytes: int = 2**26) -> torch.Tensor:
-    """One tensor's bytes, read into new memory of the target dtype (cast chunk by chunk: a float32 file never needs a
-    float32 copy of a whole tensor), then moved to the device."""
+    """One tensor's bytes, read into new memory of the target dtype, then moved to the device. A tensor stored in
+    another dtype is read chunk by chunk and cast, so a float32 file never needs a float32 copy of a whole tensor."""
     shape, (start, end), file_dtype = info["shape"], info["data_offsets"], SAFETENSORS_FLOATS[info["dtype"]]
     out = torch.empty(shape, dtype=dtype)
-    flat, size = out.view(-1), torch.tensor([], dtype=file_dtype).element_size()
-    if flat.numel() * size != end - start:
+    if out.numel() * file_dtype.itemsize != end - start:
         raise ValueError(f"the header gives {end - start} bytes for a {info['dtype']} tensor of shape {shape}")
-    buffer = flat if file_dtype == dtype else torch.empty(min(flat.numel(), chunk_bytes // size), dtype=file_dtype)
     handle.seek(data_start + start)
-    for first in range(0, flat.numel(), max(buffer.numel(), 1)):
-        part = buffer[: min(buffer.numel(), flat.numel() - first)] if buffer is not flat else flat
-        if handle.readinto(part.view(torch.uint8).numpy()) != part.numel() * size:
-            raise ValueError("the file ends before this tensor does: it is truncated")
-        if buffer is not flat:
+    if file_dtype == dtype:
+        _read_into(handle, out)
+    else:
+        flat, step = out.view(-1), max(1, chunk_bytes // file_dtype.itemsize)
+        for first in range(0, flat.numel(), step):
+            part = torch.empty(min(step, flat.numel() - first), dtype=file_dtype)
+            _read_into(handle, part)
             flat[first : first + part.numel()].copy_(part)  # the cast
     return out.to(device)
 

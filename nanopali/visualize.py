@@ -154,7 +154,7 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
     """A figure: the image, the map of each answer token (up to max_tokens; <eos> left out), then their mean if there
     are several; averaged over all layers and heads unless one layer or one head is chosen. Each map is scaled to its
     own largest cell. Saved to path (a .png, ...) if given."""
-    maps = answer.image_attention  # (n, layers, heads, g, g)
+    image, maps = _as_image(image), answer.image_attention  # the picture read once; maps (n, layers, heads, g, g)
     n_layers, n_heads = maps.shape[1:3]
     if layer is not None and not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} does not exist: the model has {n_layers} layers, 0 to {n_layers - 1}")
@@ -166,7 +166,7 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
     shown = words[:max_tokens]
     panels = 1 + len(shown) + (len(shown) > 1)
     rows, cols = -(-panels // columns), min(panels, columns)
-    width, height = _as_image(image).size
+    width, height = image.size
     panel_w = 2.4 * min(max(width / height, 0.8), 1.8)  # panels shaped like the image, room for their titles
     fig_w = max(panel_w * cols, 5.5)  # room for the title
     fig = Figure(figsize=(fig_w, 2.4 * rows + 0.7))

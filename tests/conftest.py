@@ -9,6 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO / "images"
 NOTEBOOKS = REPO / "notebooks"
+SHIPPED = REPO / "weights" / "nanopali-shapes"  # the small model lesson 08 trained
 
 
 def run_python(*args: str, cwd: Path = REPO, timeout: float = 600) -> subprocess.CompletedProcess:

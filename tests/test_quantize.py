@@ -11,7 +11,7 @@ from nanopali.gemma import GemmaForCausalLM, generate_tokens
 from nanopali.quantize import Int8Linear, quantize_int8, quantize_rows
 from nanopali.train import evaluate
 
-from conftest import REPO
+from conftest import SHIPPED
 
 
 def test_rounding_is_within_half_a_step_per_row():
@@ -65,7 +65,7 @@ def test_a_quantized_gemma_generates_alike_with_and_without_the_cache():
 
 
 def test_the_shipped_model_keeps_its_answers():
-    model, processor = nanopali.load(REPO / "weights" / "nanopali-shapes", device="cpu", dtype="float32")
+    model, processor = nanopali.load(SHIPPED, device="cpu", dtype="float32")
     before = evaluate(model, processor, num_scenes=50)
     after = evaluate(quantize_int8(model), processor, num_scenes=50, batch_size=16)  # decoding through the kernel
     for task in before:
@@ -74,7 +74,7 @@ def test_the_shipped_model_keeps_its_answers():
 
 def test_a_quantized_model_is_not_saved_as_a_checkpoint(tmp_path):
     "nanopali.save would write tensors no loader expects: it refuses, and says why."
-    model, processor = nanopali.load(REPO / "weights" / "nanopali-shapes", device="cpu", dtype="float32")
+    model, processor = nanopali.load(SHIPPED, device="cpu", dtype="float32")
     quantize_int8(model)
     with pytest.raises(ValueError, match="changed after loading .lesson 10's int8, for one."):
         nanopali.save(model, processor, tmp_path / "int8")

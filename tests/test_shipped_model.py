@@ -10,9 +10,7 @@ import transformers
 import nanopali
 from nanopali.train import TASKS, TrainConfig, evaluate, held_out_examples, score
 
-from conftest import REPO
-
-SHIPPED = REPO / "weights" / "nanopali-shapes"
+from conftest import SHIPPED
 
 
 @pytest.fixture(scope="module")

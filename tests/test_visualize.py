@@ -17,9 +17,7 @@ from nanopali.visualize import (
     parse_boxes,
 )
 
-from conftest import IMAGES, REPO
-
-SHIPPED = REPO / "weights" / "nanopali-shapes"
+from conftest import IMAGES, SHIPPED
 
 
 @pytest.fixture(scope="module")
