@@ -8,6 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from nanopali.exercises.lesson01 import (
+    check_conv_weight_from_jax,
+    check_resize_position_embeddings,
+    check_unpatchify,
+)
 from nanopali.patches import (
     SiglipVisionConfig,
     SiglipVisionEmbeddings,
@@ -171,3 +176,67 @@ def test_config_refuses_inconsistent_sizes():
         SiglipVisionConfig(image_size=100, patch_size=14)
     with pytest.raises(ValueError, match="not divisible by num_attention_heads"):
         SiglipVisionConfig(hidden_size=30, num_attention_heads=4)
+
+
+# Exercises (lesson 01, ## Exercises): each check accepts a right answer and refuses plausible wrong ones.
+
+
+def _unpatchify(patches, patch_size, image_size, order=(0, 3, 1, 4, 2, 5)):
+    g = image_size // patch_size
+    x = patches.reshape(patches.shape[0], g, g, 3, patch_size, patch_size).permute(*order)
+    return x.reshape(patches.shape[0], 3, image_size, image_size)
+
+
+def test_exercise_unpatchify_check(capsys):
+    assert check_unpatchify(_unpatchify) is True
+    # each plausible mistake gets its own diagnosis
+    wrong = {
+        "plain reshape": lambda p, P, S: p.reshape(p.shape[0], 3, S, S),  # no permute: memory order
+        "(gh and gw) are swapped": lambda p, P, S: _unpatchify(p, P, S, order=(0, 3, 2, 4, 1, 5)),  # grid transposed
+        "inside each one the pixel rows and columns": lambda p, P, S: _unpatchify(p, P, S, order=(0, 3, 1, 5, 2, 4)),
+        "the image transposed": lambda p, P, S: _unpatchify(p, P, S, order=(0, 3, 2, 5, 1, 4)),
+        "undo patchify's steps": lambda p, P, S: _unpatchify(p, P, S).flip(-1),  # none of the above
+    }
+    capsys.readouterr()
+    for diagnosis, answer in wrong.items():
+        assert check_unpatchify(answer) is False
+        out = capsys.readouterr().out
+        assert "not right yet" in out and diagnosis in out, (diagnosis, out)
+
+
+def test_exercise_conv_weight_from_jax_check(capsys):
+    assert check_conv_weight_from_jax(lambda k: k.permute(3, 2, 0, 1)) is True
+    assert check_conv_weight_from_jax(lambda k: k.reshape(k.shape[3], k.shape[2], k.shape[0], k.shape[1])) is False
+    assert check_conv_weight_from_jax(lambda k: k.permute(3, 2, 1, 0)) is False  # height and width swapped
+    assert "not right yet" in capsys.readouterr().out
+
+
+def _resize(weight, new_grid, perm=(0, 3, 1, 2), **kwargs):
+    N, D = weight.shape
+    g = round(N**0.5)
+    x = weight.reshape(1, g, g, D).permute(*perm)
+    x = torch.nn.functional.interpolate(x, size=(new_grid, new_grid), **{"mode": "bicubic", "align_corners": False,
+                                                                         **kwargs})
+    return x.permute(0, 2, 3, 1).reshape(new_grid * new_grid, D)
+
+
+def test_exercise_resize_position_embeddings_check(capsys):
+    assert check_resize_position_embeddings(_resize) is True
+    F = torch.nn.functional
+
+    def straight_to_channels(w, g, read_back_with_permute):  # (N, D) reshaped to (1, D, grid, grid), no permute
+        x = F.interpolate(w.reshape(1, w.shape[1], 4, 4), size=(g, g), mode="bicubic")
+        return (x.permute(0, 2, 3, 1) if read_back_with_permute else x).reshape(g * g, w.shape[1])
+
+    wrong = {
+        "rows and columns swapped": lambda w, g: _resize(w, g, perm=(0, 3, 2, 1)),  # grid transposed
+        "features and positions get mixed up": lambda w, g: straight_to_channels(w, g, True),
+        "features and positions get mixed": lambda w, g: straight_to_channels(w, g, False),
+        "align_corners=False": lambda w, g: _resize(w, g, align_corners=True),
+        "mode='bicubic'": lambda w, g: _resize(w, g, mode="bilinear"),
+    }
+    capsys.readouterr()
+    for diagnosis, answer in wrong.items():
+        assert check_resize_position_embeddings(answer) is False
+        out = capsys.readouterr().out
+        assert "not right yet" in out and diagnosis in out, (diagnosis, out)

@@ -11,9 +11,13 @@ we allow two rounding steps at the size of the largest output value, and require
 our error against float32 to be no larger than the reference's own bfloat16 error
 (plus 25%)."""
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+from nanopali.exercises.lesson02 import check_attention_loops, check_same_column_head, check_sigmoid_loss
 from nanopali.patches import SiglipVisionConfig, preprocess_images
 from nanopali.siglip import SiglipAttention, SiglipVisionModel, eager_attention
 
@@ -164,3 +168,75 @@ def test_real_tower_state_dict_matches_reference_names_and_shapes():
 def test_unsupported_activation_is_refused():
     with pytest.raises(ValueError, match="hidden_act .relu. is not supported"):
         SiglipVisionModel(SiglipVisionConfig.tiny(hidden_act="relu"))
+
+
+# Exercises (lesson 02, ## Exercises): each check accepts a right answer and refuses plausible wrong ones.
+
+
+def _one_hot_head(grid, sharpness=10.0, of=lambda i, g: i % g):
+    keys = F.one_hot(of(torch.arange(grid * grid), grid), grid).float()
+    return sharpness * keys, keys
+
+
+def test_exercise_same_column_head_check(capsys):
+    assert check_same_column_head(_one_hot_head) is True
+    assert check_same_column_head(lambda g: _one_hot_head(g, of=lambda i, g: i // g)) is False  # same row
+    assert check_same_column_head(lambda g: _one_hot_head(g, sharpness=2.0)) is False  # too soft
+    assert check_same_column_head(lambda g: (50 * torch.eye(g * g), torch.eye(g * g))) is False  # only itself
+    assert "not right yet" in capsys.readouterr().out
+
+
+def _loops(q, k, v, stable=True, scale=True):
+    out = torch.zeros(len(q), v.shape[1])
+    for i in range(len(q)):
+        s = torch.stack([q[i] @ k[j] for j in range(len(k))]) / (math.sqrt(q.shape[1]) if scale else 1.0)
+        e = torch.exp(s - s.max()) if stable else torch.exp(s)
+        for j in range(len(k)):
+            out[i] += e[j] / e.sum() * v[j]
+    return out
+
+
+def test_exercise_attention_loops_check(capsys):
+    assert check_attention_loops(_loops) is True
+    assert check_attention_loops(lambda q, k, v: _loops(q, k, v, stable=False)) is False  # overflows
+    assert check_attention_loops(lambda q, k, v: _loops(q, k, v, scale=False)) is False  # no 1 / sqrt(d)
+    # weights normalised over the queries instead of over the keys
+    assert check_attention_loops(lambda q, k, v: (q @ k.T / 2).softmax(dim=0) @ v) is False
+    assert "not right yet" in capsys.readouterr().out
+
+
+def _sigmoid_loss(x, y, t_prime, b, normalise=True, temperature=math.exp, per=lambda n: n,
+                  labels=lambda n: 2 * torch.eye(n) - 1):
+    if normalise:
+        x, y = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    z = temperature(t_prime) * x @ y.T + b
+    return -F.logsigmoid(labels(len(x)) * z).sum() / per(len(x))
+
+
+def test_exercise_sigmoid_loss_check(capsys):
+    assert check_sigmoid_loss(_sigmoid_loss) is True
+    # each usual mistake is recognised from the loss it gives, and named
+    wrong = {
+        "F.normalize": lambda *a: _sigmoid_loss(*a, normalise=False),
+        "use t = exp(t')": lambda *a: _sigmoid_loss(*a, temperature=lambda t: t),  # t' used as t
+        "divided by n * n": lambda *a: _sigmoid_loss(*a, per=lambda n: n * n),  # mean over n * n pairs
+        "flipped labels": lambda *a: _sigmoid_loss(*a, labels=lambda n: 1 - 2 * torch.eye(n)),
+        "sum over all n * n pairs and divide by n": lambda *a: -_sigmoid_loss(*a),  # none of these: the checklist
+    }
+    capsys.readouterr()
+    for diagnosis, answer in wrong.items():
+        assert check_sigmoid_loss(answer) is False
+        out = capsys.readouterr().out
+        assert "not right yet" in out and diagnosis in out, (diagnosis, out)
+    # the random batch names the mistake too: t' used as t only for t' = 0.5 there (right on the two-pair batch)
+    assert check_sigmoid_loss(lambda x, y, tp, b: _sigmoid_loss(x, y, tp, b, temperature=lambda t: t)
+                              if tp == 0.5 else _sigmoid_loss(x, y, tp, b)) is False
+    assert "use t = exp(t')" in capsys.readouterr().out
+
+    def clip_loss(x, y, t_prime, b):  # CLIP's softmax loss: another loss, not SigLIP's
+        z = math.exp(t_prime) * F.normalize(x, dim=-1) @ F.normalize(y, dim=-1).T
+        target = torch.arange(len(x))
+        return (F.cross_entropy(z, target) + F.cross_entropy(z.T, target)) / 2
+
+    assert check_sigmoid_loss(clip_loss) is False
+    assert "not right yet" in capsys.readouterr().out
