@@ -62,42 +62,22 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1000) -> Tokenizer:
     return tokenizer
 
 
-def read_json(path: Path) -> dict:
-    "A model folder's json file as a dict; a clear error naming the file if it is damaged."
-    try:
-        content = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: tolerate a byte-order mark
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}): download the file again") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path}: expected a JSON object {{...}}, got {type(content).__name__}")
-    return content
-
-
-class PaliGemmaProcessor:
-    "Turns images and prompts (and, for training, suffixes) into the model's inputs, as PaliGemma expects them."
+class PaliGemmaProcessorCore:
+    """Images and prompts (and, for training, suffixes) to the model's inputs: lesson 03's four steps.
+    Use PaliGemmaProcessor (below): the same, plus checks that refuse bad input, and from_folder."""
 
     def __init__(self, tokenizer: Tokenizer, num_image_tokens: int, image_size: tuple[int, int] = (224, 224),
                  image_mean=IMAGE_MEAN, image_std=IMAGE_STD, rescale_factor: float = 1 / 255,
                  resample: int = Image.Resampling.BICUBIC, padding_side: str = "left"):
-        self.tokenizer = tokenizer
-        self.num_image_tokens = num_image_tokens
+        self.tokenizer, self.num_image_tokens, self.padding_side = tokenizer, num_image_tokens, padding_side
         self.image_size = tuple(image_size)  # (height, width)
         self.image_settings = dict(size=self.image_size, mean=tuple(image_mean), std=tuple(image_std),
                                    rescale_factor=rescale_factor, resample=resample)
-        self.padding_side = padding_side
-        ids = {t: tokenizer.token_to_id(t) for t in ["<pad>", "<eos>", "<bos>", IMAGE_TOKEN]}
-        missing = [t for t, i in ids.items() if i is None]
-        if missing:
-            raise ValueError(f"the tokenizer has no {', '.join(missing)} token: it is not a PaliGemma tokenizer")
-        self.pad_id, self.eos_id, self.bos_id, self.image_token_id = ids.values()
+        ids = [tokenizer.token_to_id(t) for t in ["<pad>", "<eos>", "<bos>", IMAGE_TOKEN]]
+        self.pad_id, self.eos_id, self.bos_id, self.image_token_id = ids
 
     def encode(self, prefix: str, suffix: str | None = None) -> tuple[list[int], list[int]]:
         "Token ids and token types of one example: <image> x N, <bos>, prefix, \\n [, suffix, <eos>]."
-        for text in [prefix] if suffix is None else [prefix, suffix]:
-            typed = [t for t in SPECIAL_TOKENS + [IMAGE_TOKEN] if t in text]
-            if typed:
-                raise ValueError(f"the text {text!r} contains {typed[0]!r}, a special token the processor places "
-                                 "itself (image slots, <bos>, <eos>, padding): remove it from the text")
         ids = [self.image_token_id] * self.num_image_tokens + [self.bos_id]
         ids += self.tokenizer.encode(prefix + "\n", add_special_tokens=False).ids  # "\n" joins the string
         types = [0] * len(ids)
@@ -109,27 +89,8 @@ class PaliGemmaProcessor:
     def __call__(self, images, prompts, suffixes=None, padding_side: str | None = None) -> dict:
         """A batch: one image per prompt. Returns input_ids, attention_mask, token_type_ids (B, L) and
         pixel_values (B, 3, H, W); labels (B, L) too when suffixes are given. Pads to the longest example."""
-        if isinstance(images, (set, dict)) or isinstance(prompts, (set, dict)):
-            raise TypeError("give images and prompts as lists: a set has no order, so they could not be paired")
-        images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("no prompts given: pass one image and one prompt (e.g. 'caption en') per example")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: give exactly one image per prompt")
-        if suffixes is not None:
-            suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
-            if len(suffixes) != len(prompts):
-                raise ValueError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts: give one per prompt")
-        examples = [self.encode(p, None if suffixes is None else s)
-                    for p, s in zip(prompts, suffixes or [None] * len(prompts))]
-
-        side = padding_side or self.padding_side
-        if side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-        length = max(len(ids) for ids, _ in examples)
+        examples = [self.encode(p, s) for p, s in zip(prompts, suffixes or [None] * len(prompts))]
+        side, length = padding_side or self.padding_side, max(len(ids) for ids, _ in examples)
 
         def pad(row, value):  # one row, padded to the longest on the chosen side
             padding = [value] * (length - len(row))
@@ -148,42 +109,6 @@ class PaliGemmaProcessor:
         "Token ids back to text; special tokens (<pad>, <eos>, <bos>, <image>) are dropped unless asked."
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> "PaliGemmaProcessor":
-        """Read a model folder in the Hugging Face layout: tokenizer.json, and the image settings and the number
-        of image tokens from preprocessor_config.json (older folders) or processor_config.json (newer)."""
-        folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{folder / 'tokenizer.json'} not found: a PaliGemma folder holds tokenizer.json "
-                                    "and preprocessor_config.json (download the whole model folder)")
-        try:
-            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
-            message = f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e}): download it again"
-            raise ValueError(message) from None
-        settings = {}
-        if (folder / "processor_config.json").is_file():
-            settings = read_json(folder / "processor_config.json").get("image_processor", {})
-        if not settings and (folder / "preprocessor_config.json").is_file():
-            settings = read_json(folder / "preprocessor_config.json")
-        if not isinstance(settings.get("image_seq_length"), int):
-            raise ValueError(f"{folder}: no image_seq_length in preprocessor_config.json or processor_config.json, "
-                             "so the number of image tokens is unknown")
-        size = settings.get("size", {"height": 224, "width": 224})
-        if not (isinstance(size, dict) and isinstance(size.get("height"), int) and isinstance(size.get("width"), int)):
-            raise ValueError(f"{folder}: the image size must be given as {{'height': H, 'width': W}}, got {size!r}")
-        padding_side = "left"
-        if (folder / "tokenizer_config.json").is_file():
-            padding_side = read_json(folder / "tokenizer_config.json").get("padding_side", "left")
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"{folder / 'tokenizer_config.json'}: padding_side must be 'left' or 'right', "
-                             f"got {padding_side!r}")
-        return cls(tokenizer, num_image_tokens=settings["image_seq_length"],
-                   image_size=(size["height"], size["width"]),
-                   image_mean=settings.get("image_mean", IMAGE_MEAN), image_std=settings.get("image_std", IMAGE_STD),
-                   rescale_factor=settings.get("rescale_factor", 1 / 255),
-                   resample=settings.get("resample", Image.Resampling.BICUBIC), padding_side=padding_side)
 
 
 def merge_image_features(text_embeds: torch.Tensor, image_features: torch.Tensor, input_ids: torch.Tensor,
@@ -217,3 +142,99 @@ def prefix_lm_mask(token_type_ids: torch.Tensor, attention_mask: torch.Tensor, n
     prefix_key = (token_type_ids == 0)[:, None, :]  # (B, 1, L): key j is in the prefix
     real_key = attention_mask.bool()[:, None, :]  # (B, 1, L): key j is not padding
     return ((causal[None] | prefix_key) & real_key) | itself[None]  # (B, Q, L)
+
+
+class PaliGemmaProcessor(PaliGemmaProcessorCore):
+    """Turns images and prompts (and, for training, suffixes) into the model's inputs, as PaliGemma expects them:
+    PaliGemmaProcessorCore, plus checks that refuse bad input with a clear message, and from_folder."""
+
+    def __init__(self, tokenizer: Tokenizer, num_image_tokens: int, *args, **kwargs):
+        "The arguments of PaliGemmaProcessorCore. Refuses a tokenizer without PaliGemma's special tokens."
+        missing = [t for t in ["<pad>", "<eos>", "<bos>", IMAGE_TOKEN] if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)} token: it is not a PaliGemma tokenizer")
+        super().__init__(tokenizer, num_image_tokens, *args, **kwargs)
+
+    def encode(self, prefix: str, suffix: str | None = None) -> tuple[list[int], list[int]]:
+        "Token ids and token types of one example: <image> x N, <bos>, prefix, \\n [, suffix, <eos>]."
+        for text in [prefix] if suffix is None else [prefix, suffix]:
+            typed = [t for t in SPECIAL_TOKENS + [IMAGE_TOKEN] if t in text]
+            if typed:
+                raise ValueError(f"the text {text!r} contains {typed[0]!r}, a special token the processor places "
+                                 "itself (image slots, <bos>, <eos>, padding): remove it from the text")
+        return super().encode(prefix, suffix)
+
+    def __call__(self, images, prompts, suffixes=None, padding_side: str | None = None) -> dict:
+        """A batch: one image per prompt. Returns input_ids, attention_mask, token_type_ids (B, L) and
+        pixel_values (B, 3, H, W); labels (B, L) too when suffixes are given. Pads to the longest example."""
+        if isinstance(images, (set, dict)) or isinstance(prompts, (set, dict)):
+            raise TypeError("give images and prompts as lists: a set has no order, so they could not be paired")
+        images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("no prompts given: pass one image and one prompt (e.g. 'caption en') per example")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: give exactly one image per prompt")
+        if suffixes is not None:
+            suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
+            if len(suffixes) != len(prompts):
+                raise ValueError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts: give one per prompt")
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        return super().__call__(images, prompts, suffixes, side)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "PaliGemmaProcessor":
+        """Read a model folder in the Hugging Face layout: tokenizer.json, and the image settings and the number
+        of image tokens from preprocessor_config.json (older folders) or processor_config.json (newer)."""
+        tokenizer, settings = read_processor_folder(folder)
+        return cls(tokenizer, **settings)
+
+
+def read_json(path: Path) -> dict:
+    "A model folder's json file as a dict; a clear error naming the file if it is damaged."
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8-sig"))  # -sig: tolerate a byte-order mark
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}): download the file again") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: expected a JSON object {{...}}, got {type(content).__name__}")
+    return content
+
+
+def read_processor_folder(folder: str | Path) -> tuple[Tokenizer, dict]:
+    "The tokenizer and the processor's settings (num_image_tokens, image_size, ...) from a model folder."
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{folder / 'tokenizer.json'} not found: a PaliGemma folder holds tokenizer.json "
+                                "and preprocessor_config.json (download the whole model folder)")
+    try:
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # the tokenizers library raises a bare Exception for a damaged file
+        message = f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e}): download it again"
+        raise ValueError(message) from None
+    settings = {}
+    if (folder / "processor_config.json").is_file():
+        settings = read_json(folder / "processor_config.json").get("image_processor", {})
+    if not settings and (folder / "preprocessor_config.json").is_file():
+        settings = read_json(folder / "preprocessor_config.json")
+    if not isinstance(settings.get("image_seq_length"), int):
+        raise ValueError(f"{folder}: no image_seq_length in preprocessor_config.json or processor_config.json, "
+                         "so the number of image tokens is unknown")
+    size = settings.get("size", {"height": 224, "width": 224})
+    if not (isinstance(size, dict) and isinstance(size.get("height"), int) and isinstance(size.get("width"), int)):
+        raise ValueError(f"{folder}: the image size must be given as {{'height': H, 'width': W}}, got {size!r}")
+    padding_side = "left"
+    if (folder / "tokenizer_config.json").is_file():
+        padding_side = read_json(folder / "tokenizer_config.json").get("padding_side", "left")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"{folder / 'tokenizer_config.json'}: padding_side must be 'left' or 'right', "
+                         f"got {padding_side!r}")
+    return tokenizer, dict(num_image_tokens=settings["image_seq_length"], image_size=(size["height"], size["width"]),
+                           image_mean=settings.get("image_mean", IMAGE_MEAN),
+                           image_std=settings.get("image_std", IMAGE_STD),
+                           rescale_factor=settings.get("rescale_factor", 1 / 255),
+                           resample=settings.get("resample", Image.Resampling.BICUBIC), padding_side=padding_side)

@@ -149,49 +149,31 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
 
 
 @torch.inference_mode()
-def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    token_type_ids: torch.Tensor | None = None, max_new_tokens: int = 20, do_sample: bool = False,
-                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, use_cache: bool = True, return_attention: bool = False):
-    """Continue the embedded prompt (B, L, D); returns the new token ids (B, n), n <= max_new_tokens, with <pad>
-    after a row's <eos>. attention_mask and token_type_ids (B, L) default to no padding and all causal.
-    return_attention: return (ids, rows) instead, rows[j] (B, layers, heads, L + j) float32 being the attention of
-    the position whose logits chose new token j."""
-    config = model.config
+def generation_loop(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attention_mask=None, token_type_ids=None,
+                    max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k=None,
+                    top_p=None, generator=None, use_cache: bool = True, return_attention: bool = False):
+    """Continue the embedded prompts (B, L, D), padded on the left: the new token ids (B, n), n <= max_new_tokens,
+    with <pad> after a row's <eos>. attention_mask and token_type_ids (B, L) default to no padding and all causal.
+    return_attention: (ids, rows) instead, rows[j] (B, layers, heads, L + j) float32 being the attention of the
+    position whose logits chose new token j. `generate_tokens` (Appendix) checks the arguments, then calls this."""
+    config, device = model.config, inputs_embeds.device
     B, L, _ = inputs_embeds.shape
-    if L == 0:
-        raise ValueError("the prompt is empty: give at least one token (PaliGemma's prompts start with <bos>)")
-    if attention_mask is not None and not attention_mask[:, -1].all():
-        raise ValueError("the prompts must be padded on the left: each row's last token is where its answer starts "
-                         "(use padding_side='left')")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a whole number, at least 1, got {max_new_tokens!r}")
-    if L + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(f"the prompt has {L} tokens and {max_new_tokens} new ones were asked for, but the model's "
-                         f"context is {config.max_position_embeddings} tokens: shorten the prompt or ask for fewer")
-    check_sampling(do_sample, temperature, top_k, top_p)
-    generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=inputs_embeds.device).manual_seed(seed)
-    device = inputs_embeds.device
-    attention_mask = torch.ones(B, L, dtype=torch.long, device=device) if attention_mask is None else attention_mask
-    token_type_ids = torch.ones_like(attention_mask) if token_type_ids is None else token_type_ids
-    one = torch.ones(B, 1, dtype=torch.long, device=device)
-
+    mask = torch.ones(B, L, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+    types = torch.ones_like(mask) if token_type_ids is None else token_type_ids  # (B, T), T grows by 1 a step
     cache = KVCache(config, B, L + max_new_tokens, inputs_embeds.dtype, device) if use_cache else None
     rows = []  # return_attention: the attention of the last position of each forward pass
 
-    def forward(embeds, kv_cache):
+    def next_logits(embeds):
         "Logits of the last position (B, 1, vocab), for the mask and token types as they are now."
-        out = model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                    kv_cache=kv_cache, last_only=True, return_attention=return_attention)
+        out = model(inputs_embeds=embeds, attention_mask=mask, token_type_ids=types, kv_cache=cache,
+                    last_only=True, return_attention=return_attention)
         if not return_attention:
             return out
         logits, weights = out  # weights: one (B, H, 1, T) per layer
         rows.append(torch.stack([w[:, :, -1] for w in weights], dim=1).float())  # (B, layers, H, T)
         return logits
 
-    logits = forward(inputs_embeds, cache)  # prefill: (B, 1, vocab)
+    logits = next_logits(inputs_embeds)  # prefill: (B, 1, vocab)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     new_tokens = []
     for step in range(max_new_tokens):
@@ -201,13 +183,47 @@ def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attent
         finished |= token == config.eos_token_id
         if finished.all() or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, one], dim=1)  # the new token is real ...
-        token_type_ids = torch.cat([token_type_ids, one], dim=1)  # ... and part of the suffix
+        one = torch.ones(B, 1, dtype=torch.long, device=device)
+        mask, types = torch.cat([mask, one], dim=1), torch.cat([types, one], dim=1)  # real, and suffix
         new_embeds = model.model.embed(token[:, None])  # (B, 1, D)
         if use_cache:  # decode: only the new token goes through the model
-            logits = forward(new_embeds, cache)
+            logits = next_logits(new_embeds)
         else:  # no cache: the whole sequence again, every step
             inputs_embeds = torch.cat([inputs_embeds, new_embeds], dim=1)
-            logits = forward(inputs_embeds, None)
+            logits = next_logits(inputs_embeds)
     tokens = torch.stack(new_tokens, dim=1)  # (B, n)
     return (tokens, rows) if return_attention else tokens
+
+
+def check_generation(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attention_mask, max_new_tokens):
+    "Refuse a request that generation_loop would answer wrongly or not at all."
+    L = inputs_embeds.shape[1]
+    if L == 0:
+        raise ValueError("the prompt is empty: give at least one token (PaliGemma's prompts start with <bos>)")
+    if attention_mask is not None and not attention_mask[:, -1].all():
+        raise ValueError("the prompts must be padded on the left: each row's last token is where its answer starts "
+                         "(use padding_side='left')")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number, at least 1, got {max_new_tokens!r}")
+    if L + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"the prompt has {L} tokens and {max_new_tokens} new ones were asked for, but the model's "
+                         f"context is {model.config.max_position_embeddings} tokens: shorten the prompt or ask for "
+                         "fewer")
+
+
+@torch.inference_mode()
+def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    token_type_ids: torch.Tensor | None = None, max_new_tokens: int = 20, do_sample: bool = False,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, use_cache: bool = True, return_attention: bool = False):
+    """Continue the embedded prompt (B, L, D); returns the new token ids (B, n), n <= max_new_tokens, with <pad>
+    after a row's <eos>. attention_mask and token_type_ids (B, L) default to no padding and all causal.
+    return_attention: return (ids, rows) instead, rows[j] (B, layers, heads, L + j) float32 being the attention of
+    the position whose logits chose new token j. The arguments are checked first; then generation_loop runs."""
+    check_generation(model, inputs_embeds, attention_mask, max_new_tokens)
+    check_sampling(do_sample, temperature, top_k, top_p)
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=inputs_embeds.device).manual_seed(seed)
+    return generation_loop(model, inputs_embeds, attention_mask, token_type_ids, max_new_tokens, do_sample,
+                           temperature, top_k, top_p, generator, use_cache, return_attention)

@@ -36,26 +36,6 @@ PALIGEMMA_3B_PT_224_CONFIG = {
 }
 
 
-def _checked(cls, settings: dict, where: str) -> dict:
-    """The entries of settings that are fields of the dataclass cls (the rest is bookkeeping and ignored), each
-    checked against the type of the field's default: sizes must be whole numbers of at least 1."""
-    picked = {}
-    for f in fields(cls):
-        if f.name not in settings:
-            continue
-        value, kind = settings[f.name], type(f.default)
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind is int and ok and value < 1 and not f.name.endswith("token_id"):
-            ok = False
-        if not ok:
-            expected = "a positive whole number" if kind is int else kind.__name__
-            raise ValueError(f"{where}.{f.name} is {value!r}: expected {expected}")
-        picked[f.name] = value
-    return picked
-
-
 @dataclass
 class PaliGemmaConfig:
     "The whole model: SigLIP's config, Gemma's config, and the id of the <image> token."
@@ -67,24 +47,7 @@ class PaliGemmaConfig:
     @classmethod
     def from_dict(cls, config: dict) -> "PaliGemmaConfig":
         "Read a config.json's content; missing fields take the reference's defaults (our dataclasses' defaults)."
-        for part in ("vision_config", "text_config"):
-            if not isinstance(config.get(part, {}), dict):
-                raise ValueError(f"{part} must be a JSON object, got {config[part]!r}")
-        if config.get("model_type", "paligemma") != "paligemma":
-            raise ValueError(f"model_type is {config['model_type']!r}: this is not a PaliGemma checkpoint")
-        vision, text = dict(config.get("vision_config", {})), dict(config.get("text_config", {}))
-        if text.get("model_type", "gemma") != "gemma":
-            raise ValueError(f"text model {text['model_type']!r} is not supported: nanopali builds PaliGemma 1, whose "
-                             "text model is Gemma (PaliGemma 2 uses Gemma 2)")
-        if vision.get("vision_use_head", False):
-            raise ValueError("vision_config.vision_use_head is true: PaliGemma's SigLIP has no pooling head")
-        if "rope_parameters" in text:  # newer transformers nest rope_theta
-            rope = text["rope_parameters"] or {}
-            if rope.get("rope_type", "default") != "default":
-                raise ValueError(f"rope_type {rope['rope_type']!r} is not supported: PaliGemma uses plain RoPE")
-            text.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
-        if "hidden_activation" in text:  # older name of hidden_act
-            text.setdefault("hidden_act", text["hidden_activation"])
+        vision, text = _normalised(config)  # the two halves, checked, in today's spelling (below)
         vision_config = SiglipVisionConfig(**_checked(SiglipVisionConfig, vision, "vision_config"))
         text_config = GemmaConfig(**_checked(GemmaConfig, text, "text_config"))
         projection = config.get("projection_dim", vision.get("projection_dim", text_config.hidden_size))
@@ -104,6 +67,50 @@ class PaliGemmaConfig:
                 "hidden_size": self.text.hidden_size, "vocab_size": self.text.vocab_size,
                 "pad_token_id": self.text.pad_token_id, "bos_token_id": self.text.bos_token_id,
                 "eos_token_id": self.text.eos_token_id, "vision_config": vision, "text_config": text}
+
+
+def _normalised(config: dict) -> tuple[dict, dict]:
+    """config.json's vision_config and text_config, checked, with the spellings of older and newer transformers
+    turned into the ones our dataclasses use. Refuses what nanopali cannot build (PaliGemma 2, a pooling head)."""
+    for part in ("vision_config", "text_config"):
+        if not isinstance(config.get(part, {}), dict):
+            raise ValueError(f"{part} must be a JSON object, got {config[part]!r}")
+    if config.get("model_type", "paligemma") != "paligemma":
+        raise ValueError(f"model_type is {config['model_type']!r}: this is not a PaliGemma checkpoint")
+    vision, text = dict(config.get("vision_config", {})), dict(config.get("text_config", {}))
+    if text.get("model_type", "gemma") != "gemma":
+        raise ValueError(f"text model {text['model_type']!r} is not supported: nanopali builds PaliGemma 1, whose "
+                         "text model is Gemma (PaliGemma 2 uses Gemma 2)")
+    if vision.get("vision_use_head", False):
+        raise ValueError("vision_config.vision_use_head is true: PaliGemma's SigLIP has no pooling head")
+    if "rope_parameters" in text:  # newer transformers nest rope_theta
+        rope = text["rope_parameters"] or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope_type {rope['rope_type']!r} is not supported: PaliGemma uses plain RoPE")
+        text.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    if "hidden_activation" in text:  # older name of hidden_act
+        text.setdefault("hidden_act", text["hidden_activation"])
+    return vision, text
+
+
+def _checked(cls, settings: dict, where: str) -> dict:
+    """The entries of settings that are fields of the dataclass cls (the rest is bookkeeping and ignored), each
+    checked against the type of the field's default: sizes must be whole numbers of at least 1."""
+    picked = {}
+    for f in fields(cls):
+        if f.name not in settings:
+            continue
+        value, kind = settings[f.name], type(f.default)
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int and ok and value < 1 and not f.name.endswith("token_id"):
+            ok = False
+        if not ok:
+            expected = "a positive whole number" if kind is int else kind.__name__
+            raise ValueError(f"{where}.{f.name} is {value!r}: expected {expected}")
+        picked[f.name] = value
+    return picked
 
 
 class PaliGemmaForConditionalGeneration(nn.Module):
@@ -174,6 +181,20 @@ def save(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor
     return folder
 
 
+@torch.inference_mode()
+def generate(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, images, prompts,
+             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, seed: int | None = None) -> list[str]:
+    "Answer each prompt about its image; returns one string per prompt."
+    inputs = processor(images, prompts, padding_side="left")
+    device = next(model.parameters()).device
+    inputs_embeds = model.embed_inputs(inputs["input_ids"].to(device), inputs["pixel_values"].to(device))
+    tokens = generate_tokens(model.language_model, inputs_embeds, inputs["attention_mask"].to(device),
+                             inputs["token_type_ids"].to(device), max_new_tokens=max_new_tokens,
+                             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return [processor.decode(row) for row in tokens.cpu()]
+
+
 def canonical_name(name: str) -> str:
     "A tensor name in any of the three published layouts -> our parameter name (lm_head.weight kept as is)."
     if name.startswith("model."):  # transformers >= 4.52, in memory
@@ -222,8 +243,8 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def _checkpoint_files(folder: Path) -> list[Path]:
-    "model.safetensors, or the shards named by model.safetensors.index.json; all must exist."
+def _checkpoint_files(folder: Path) -> tuple[list[Path], dict | None]:
+    "(model.safetensors, None) or (the shards named by model.safetensors.index.json, its weight_map); all must exist."
     index = folder / "model.safetensors.index.json"
     if index.is_file() and (folder / "model.safetensors").is_file():
         raise ValueError(f"{folder} holds both model.safetensors and model.safetensors.index.json: two checkpoints "
@@ -285,9 +306,8 @@ def _read_tensor(handle, info: dict, data_start: int, dtype, device, chunk_bytes
     return out.to(device)
 
 
-def load(path: str | Path, device=None, dtype=None, progress: bool | None = None):
-    """Load a PaliGemma checkpoint folder (Hugging Face layout) -> (model, processor). device: None/'auto', 'cpu',
-    'cuda', 'mps'; dtype: bfloat16 (default) or float32. progress: a progress bar (default: for folders over 1 GB)."""
+def _model_folder(path: str | Path) -> Path:
+    "The folder, if it exists and holds a config.json; otherwise an error that says what to do."
     folder = Path(path)
     if folder.is_file():
         raise NotADirectoryError(f"{folder} is a file: give the model's folder (the one holding config.json)")
@@ -298,13 +318,11 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
             "licence on the model's page)")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'config.json'} not found: this is not a complete model folder")
-    device = pick_device(device)
-    dtype = pick_dtype(dtype, device)
-    try:
-        config = PaliGemmaConfig.from_dict(read_json(folder / "config.json"))
-    except ValueError as e:
-        raise ValueError(f"{folder / 'config.json'}: {e}") from None
-    processor = PaliGemmaProcessor.from_folder(folder)
+    return folder
+
+
+def _check_processor(folder: Path, config: PaliGemmaConfig, processor: PaliGemmaProcessor) -> None:
+    "The tokenizer and the image settings must belong to the same model as config.json."
     if processor.image_size != (config.vision.image_size, config.vision.image_size):
         raise ValueError(f"{folder}: the image settings resize to {processor.image_size} but the vision model reads "
                          f"{config.vision.image_size} x {config.vision.image_size} images")
@@ -318,9 +336,22 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
         raise ValueError(f"{folder}: the tokenizer has {processor.tokenizer.get_vocab_size()} tokens but the model's "
                          f"vocabulary only {config.text.vocab_size} rows: tokenizer and config do not belong together")
 
-    with torch.device("meta"):  # no memory for weights that the checkpoint will replace
-        model = PaliGemmaForConditionalGeneration(config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+
+def _mismatch(folder: Path, missing: list, unexpected: list, wrong_shape: list) -> ValueError:
+    "strict loading's report, with the folder's name and at most 8 names of each kind."
+    def first(items):
+        return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+    problems = [f"{len(missing)} missing: {first(missing)}" if missing else "",
+                f"{len(unexpected)} unexpected: {first(unexpected)}" if unexpected else "",
+                f"{len(wrong_shape)} with the wrong shape: {first(wrong_shape)}" if wrong_shape else ""]
+    return ValueError(f"{folder}: the checkpoint does not match its config.json: "
+                      + "; ".join(p for p in problems if p))
+
+
+def _read_checkpoint(folder: Path, expected: dict, dtype, device, progress: bool | None) -> dict:
+    """Every tensor of the folder's safetensors file(s) under our name, read into new memory in dtype on device.
+    Strict: every expected name filled with the expected shape, every tensor used, the tied head equal to the
+    embedding; otherwise one error naming each problem."""
     files, weight_map = _checkpoint_files(folder)
     total = sum(f.stat().st_size for f in files)
     show = progress if progress is not None else total > 2**30
@@ -364,13 +395,7 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
                                  "download it again") from None
     missing = sorted(set(expected) - set(state) - misshapen)
     if missing or unexpected or wrong_shape:
-        def first(items):
-            return ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
-        problems = [f"{len(missing)} missing: {first(missing)}" if missing else "",
-                    f"{len(unexpected)} unexpected: {first(unexpected)}" if unexpected else "",
-                    f"{len(wrong_shape)} with the wrong shape: {first(wrong_shape)}" if wrong_shape else ""]
-        raise ValueError(f"{folder}: the checkpoint does not match its config.json: "
-                         + "; ".join(p for p in problems if p))
+        raise _mismatch(folder, missing, unexpected, wrong_shape)
     if weight_map is not None and set(weight_map) - names:
         ghosts = sorted(set(weight_map) - names)
         raise ValueError(f"{folder}: the index lists tensors no shard holds: {', '.join(ghosts[:5])}")
@@ -378,19 +403,24 @@ def load(path: str | Path, device=None, dtype=None, progress: bool | None = None
     if head is not None and (head.shape != embedding.shape or not torch.equal(head, embedding)):
         raise ValueError(f"{folder}: lm_head.weight differs from the embedding table; PaliGemma ties the two, and an "
                          "untied head is not supported")
+    return state
+
+
+def load(path: str | Path, device=None, dtype=None, progress: bool | None = None):
+    """Load a PaliGemma checkpoint folder (Hugging Face layout) -> (model, processor). device: None/'auto', 'cpu',
+    'cuda', 'mps'; dtype: bfloat16 (default) or float32. progress: a progress bar (default: for folders over 1 GB)."""
+    folder = _model_folder(path)
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
+    try:
+        config = PaliGemmaConfig.from_dict(read_json(folder / "config.json"))
+    except ValueError as e:
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
+    processor = PaliGemmaProcessor.from_folder(folder)
+    _check_processor(folder, config, processor)
+    with torch.device("meta"):  # no memory for weights that the checkpoint will replace
+        model = PaliGemmaForConditionalGeneration(config)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state = _read_checkpoint(folder, expected, dtype, device, progress)
     model.load_state_dict(state, strict=True, assign=True)  # the tensors themselves become the parameters
     return model.eval(), processor
-
-
-@torch.inference_mode()
-def generate(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, images, prompts,
-             max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int | None = None) -> list[str]:
-    "Answer each prompt about its image; returns one string per prompt."
-    inputs = processor(images, prompts, padding_side="left")
-    device = next(model.parameters()).device
-    inputs_embeds = model.embed_inputs(inputs["input_ids"].to(device), inputs["pixel_values"].to(device))
-    tokens = generate_tokens(model.language_model, inputs_embeds, inputs["attention_mask"].to(device),
-                             inputs["token_type_ids"].to(device), max_new_tokens=max_new_tokens,
-                             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    return [processor.decode(row) for row in tokens.cpu()]

@@ -377,13 +377,6 @@ def learning_rate_factor(step: int, steps: int, warmup: int, final_fraction: flo
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint(path: Path, **state):
-    "Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint behind."
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic on the same file system
-
-
 def build(cfg: TrainConfig):
     "The tokenizer, processor and freshly initialised model of a run, all determined by cfg.seed."
     tokenizer = make_tokenizer(cfg.seed)
@@ -409,19 +402,19 @@ def adamw(named_parameters, lr_of, cfg: TrainConfig) -> torch.optim.AdamW:
         betas=(0.9, 0.95))  # 0.95: Adam's running scale of each gradient adapts faster than at the default 0.999
 
 
-def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
-    """Train the small PaliGemma: pre-train the vision tower (cfg.pretrain_steps), then the whole model (cfg.steps).
-    Returns (model, processor). Writes <out>.checkpoint.pt every checkpoint_every steps and <out>.log.jsonl as it
-    goes; steps are counted across both stages."""
-    out = Path(cfg.out)
-    checkpoint, log_path = out.with_name(out.name + ".checkpoint.pt"), out.with_name(out.name + ".log.jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model, processor = build(cfg)
+def new_probe(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, seed: int) -> PatchProbe:
+    "Stage 0's read-out for this model (8.6), its box layer initialised from the run's seed."
     probe = PatchProbe(model.config.vision.hidden_size, model.config.text.hidden_size, processor.tokenizer)
-    torch.nn.init.normal_(probe.box.weight, std=0.02, generator=torch.Generator().manual_seed(cfg.seed))
+    torch.nn.init.normal_(probe.box.weight, std=0.02, generator=torch.Generator().manual_seed(seed))
     torch.nn.init.zeros_(probe.box.bias)
-    tower = model.vision_tower
-    pre_optimizer = adamw([*tower.named_parameters(), *model.multi_modal_projector.named_parameters(),
+    return probe
+
+
+def stage_optimizers(model: PaliGemmaForConditionalGeneration, probe: PatchProbe, cfg: TrainConfig):
+    """((optimizer, schedule) of stage 0, (optimizer, schedule) of stage 1). Stage 0: the vision tower, the
+    projector, the word embeddings and the probe, at pretrain_lr. Stage 1: the whole model, the pre-trained tower
+    and projector at vision_lr, Gemma at lr. Each schedule warms up and decays over its own stage."""
+    pre_optimizer = adamw([*model.vision_tower.named_parameters(), *model.multi_modal_projector.named_parameters(),
                            *model.language_model.model.embed_tokens.named_parameters(prefix="embed_tokens"),
                            *probe.named_parameters()], lambda name: ("vision", cfg.pretrain_lr), cfg)
     optimizer = adamw(model.named_parameters(), lambda name: (
@@ -431,76 +424,54 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
         step, cfg.pretrain_steps, min(cfg.warmup, cfg.pretrain_steps), cfg.final_lr_fraction))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
         step, cfg.steps, cfg.warmup, cfg.final_lr_fraction))
-    parts = dict(model=model, probe=probe, pre_optimizer=pre_optimizer, optimizer=optimizer,
-                 pre_scheduler=pre_scheduler, scheduler=scheduler)
-    start_step, elapsed = 0, 0.0
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise ValueError(f"{checkpoint} belongs to another run ({state['config']}): remove it or use the same "
-                             "settings")
-        for name, part in parts.items():
-            part.load_state_dict(state[name])
-        start_step, elapsed = state["step"], state["elapsed"]
-        if log_path.exists():  # keep the log up to the checkpoint: later lines are redone by this run
-            kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-            log_path.write_text("".join(line + "\n" for line in kept))
-    elif log_path.exists():
-        log_path.unlink()  # a fresh run starts a fresh log
+    return (pre_optimizer, pre_scheduler), (optimizer, scheduler)
 
+
+def training_step(model, probe, processor, cfg: TrainConfig, step: int, optimizer, scheduler,
+                  autocast: bool = True) -> tuple:
+    """One step of the stage `step` falls in (steps count across both stages), under bfloat16 autocast unless
+    `autocast` is False. Returns (loss, the probe's scores (stage 0; {} in stage 1), examples)."""
+    if step < cfg.pretrain_steps:  # stage 0: the vision tower and the probe, on what every patch shows
+        pixel_values, targets = make_pretrain_batch(processor, cfg.seed, step, cfg.pretrain_batch_size,
+                                                    model.config.vision.patch_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            predicted = probe(model, model.vision_tower(pixel_values))
+        loss, scores = probe_loss(predicted, targets)
+        examples = cfg.pretrain_batch_size
+    else:  # stage 1: the whole model, on the PaliGemma tasks, loss on the answers only
+        batch = make_batch(processor, cfg.seed, step - cfg.pretrain_steps, cfg.batch_size, cfg.image_size)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"])
+        loss, scores = suffix_loss(logits, batch["labels"]), {}
+        examples = cfg.batch_size
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], cfg.clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item(), scores, examples
+
+
+def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
+    """Train the small PaliGemma: pre-train the vision tower (cfg.pretrain_steps), then the whole model (cfg.steps).
+    Returns (model, processor). Writes <out>.checkpoint.pt every checkpoint_every steps and <out>.log.jsonl as it
+    goes (Appendix); steps are counted across both stages."""
+    model, processor = build(cfg)
+    probe = new_probe(model, processor, cfg.seed)
+    (pre_optimizer, pre_scheduler), (optimizer, scheduler) = stage_optimizers(model, probe, cfg)
+    book = Bookkeeper(cfg, processor, model=model, probe=probe, pre_optimizer=pre_optimizer, optimizer=optimizer,
+                      pre_scheduler=pre_scheduler, scheduler=scheduler)
+    start_step = book.start(resume)  # 0, or the step of the checkpoint it resumed from
     model.train()
     total = cfg.pretrain_steps + cfg.steps
     bar = tqdm(range(start_step, total), initial=start_step, total=total, disable=not progress, desc="training",
                unit="step")
-    window, started = [], time.perf_counter() - elapsed
-    with open(log_path, "a") as log:
-        for step in bar:
-            t0 = time.perf_counter()  # the time of a step includes drawing its scenes
-            pretraining = step < cfg.pretrain_steps
-            opt, sched = (pre_optimizer, pre_scheduler) if pretraining else (optimizer, scheduler)
-            used_lr = {group["part"]: group["lr"] for group in opt.param_groups}
-            scores = {}
-            if pretraining:  # stage 0: the vision tower and the probe, on what every patch shows
-                pixel_values, targets = make_pretrain_batch(processor, cfg.seed, step, cfg.pretrain_batch_size,
-                                                            model.config.vision.patch_size)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    predicted = probe(model, tower(pixel_values))
-                loss, scores = probe_loss(predicted, targets)
-                examples = cfg.pretrain_batch_size
-            else:  # stage 1: the whole model, on the PaliGemma tasks, loss on the answers only
-                batch = make_batch(processor, cfg.seed, step - cfg.pretrain_steps, cfg.batch_size, cfg.image_size)
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
-                                   batch["token_type_ids"])
-                loss = suffix_loss(logits, batch["labels"])
-                examples = cfg.batch_size
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], cfg.clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            window.append((loss.item(), scores, examples, time.perf_counter() - t0))
-            stage_end = step + 1 in (cfg.pretrain_steps, total)
-            evaluating = not pretraining and ((step + 1 - cfg.pretrain_steps) % cfg.eval_every == 0 or stage_end)
-            if (step + 1) % cfg.log_every == 0 or evaluating or stage_end:
-                record = {"step": step + 1, "stage": "pretrain" if pretraining else "tasks",
-                          "loss": round(sum(w[0] for w in window) / len(window), 4)}
-                for key in window[-1][1]:  # the probe's scores, averaged over the window
-                    record[key] = round(sum(w[1][key] for w in window) / len(window), 4)
-                record.update({f"lr_{part}": lr for part, lr in used_lr.items()})
-                record["samples_per_s"] = round(sum(w[2] for w in window) / sum(w[3] for w in window), 1)
-                record["minutes"] = round((time.perf_counter() - started) / 60, 2)
-                if evaluating:
-                    record["eval"] = {k: round(v, 3) for k, v in evaluate(model, processor, cfg.eval_scenes).items()}
-                    model.train()
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
-                                samples_per_s=f"{record['samples_per_s']:.0f}")
-                window = []
-            if (step + 1) % cfg.checkpoint_every == 0 or stage_end:
-                save_checkpoint(checkpoint, **{name: part.state_dict() for name, part in parts.items()},
-                                step=step + 1, config=asdict(cfg), elapsed=time.perf_counter() - started)
+    for step in bar:
+        started = time.perf_counter()  # the time of a step includes drawing its scenes
+        opt, sched = (pre_optimizer, pre_scheduler) if step < cfg.pretrain_steps else (optimizer, scheduler)
+        used_lr = {group["part"]: group["lr"] for group in opt.param_groups}
+        loss, scores, examples = training_step(model, probe, processor, cfg, step, opt, sched)
+        book.after_step(step, loss, scores, examples, time.perf_counter() - started, used_lr, bar)
     model.eval()
     return model, processor
 
@@ -526,6 +497,81 @@ def main(argv=None) -> int:
     (Path(cfg.out) / "train_log.jsonl").write_text(log.read_text())  # the training log travels with the model
     print(f"held-out accuracy on {final_scenes} scenes:", json.dumps(scores))
     return 0
+
+
+def save_checkpoint(path: Path, **state):
+    "Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint behind."
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic on the same file system
+
+
+class Bookkeeper:
+    """What a run keeps besides the weights it learns: resuming from <out>.checkpoint.pt, the log <out>.log.jsonl,
+    evaluations on held-out scenes during stage 1, and checkpoints of `parts` (model, probe, both optimizers and
+    schedules). It reads what the training loop does and never changes it."""
+
+    def __init__(self, cfg: TrainConfig, processor: PaliGemmaProcessor, **parts):
+        out = Path(cfg.out)
+        self.cfg, self.processor, self.parts = cfg, processor, parts
+        self.checkpoint = out.with_name(out.name + ".checkpoint.pt")
+        self.log_path = out.with_name(out.name + ".log.jsonl")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.window, self.started = [], time.perf_counter()
+
+    def start(self, resume: bool) -> int:
+        """Resume from the checkpoint if asked and there is one (and cut the log back to it), else start a fresh log.
+        Returns the step to start from."""
+        start_step, elapsed = 0, 0.0
+        if resume and self.checkpoint.is_file():
+            state = torch.load(self.checkpoint, weights_only=False)
+            if state["config"] != asdict(self.cfg):
+                raise ValueError(f"{self.checkpoint} belongs to another run ({state['config']}): remove it or use the "
+                                 "same settings")
+            for name, part in self.parts.items():
+                part.load_state_dict(state[name])
+            start_step, elapsed = state["step"], state["elapsed"]
+            if self.log_path.exists():  # keep the log up to the checkpoint: later lines are redone by this run
+                kept = [line for line in self.log_path.read_text().splitlines()
+                        if json.loads(line)["step"] <= start_step]
+                self.log_path.write_text("".join(line + "\n" for line in kept))
+        elif self.log_path.exists():
+            self.log_path.unlink()  # a fresh run starts a fresh log
+        self.log_path.touch()
+        self.window, self.started = [], time.perf_counter() - elapsed
+        return start_step
+
+    def after_step(self, step: int, loss: float, scores: dict, examples: int, seconds: float, used_lr: dict, bar):
+        """Log (and in stage 1 evaluate) when due, checkpoint when due; both at the end of each stage."""
+        cfg = self.cfg
+        self.window.append((loss, scores, examples, seconds))
+        pretraining = step < cfg.pretrain_steps
+        stage_end = step + 1 in (cfg.pretrain_steps, cfg.pretrain_steps + cfg.steps)
+        evaluating = not pretraining and ((step + 1 - cfg.pretrain_steps) % cfg.eval_every == 0 or stage_end)
+        if (step + 1) % cfg.log_every == 0 or evaluating or stage_end:
+            self.write_record(step, pretraining, used_lr, evaluating, bar)
+        if (step + 1) % cfg.checkpoint_every == 0 or stage_end:
+            save_checkpoint(self.checkpoint, **{name: part.state_dict() for name, part in self.parts.items()},
+                            step=step + 1, config=asdict(cfg), elapsed=time.perf_counter() - self.started)
+
+    def write_record(self, step: int, pretraining: bool, used_lr: dict, evaluating: bool, bar):
+        "One line of the log: the means over the steps since the last line, and an evaluation when due."
+        window, model = self.window, self.parts["model"]
+        record = {"step": step + 1, "stage": "pretrain" if pretraining else "tasks",
+                  "loss": round(sum(w[0] for w in window) / len(window), 4)}
+        for key in window[-1][1]:  # the probe's scores, averaged over the window
+            record[key] = round(sum(w[1][key] for w in window) / len(window), 4)
+        record.update({f"lr_{part}": lr for part, lr in used_lr.items()})
+        record["samples_per_s"] = round(sum(w[2] for w in window) / sum(w[3] for w in window), 1)
+        record["minutes"] = round((time.perf_counter() - self.started) / 60, 2)
+        if evaluating:
+            record["eval"] = {k: round(v, 3) for k, v in evaluate(model, self.processor, self.cfg.eval_scenes).items()}
+            model.train()
+        with open(self.log_path, "a") as log:
+            log.write(json.dumps(record) + "\n")
+        bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
+                        samples_per_s=f"{record['samples_per_s']:.0f}")
+        self.window = []
 
 
 if __name__ == "__main__" and "get_ipython" not in globals():  # the command line, not a notebook kernel

@@ -253,3 +253,83 @@ def test_a_tokenizer_without_paligemma_tokens_is_refused():
 
     with pytest.raises(ValueError, match="not a PaliGemma tokenizer"):
         PaliGemmaProcessor(Tokenizer(models.BPE()), num_image_tokens=4)
+
+
+# Exercises: each check accepts a right answer and refuses plausible wrong ones.
+
+def _right_mask(types, attention):
+    L = types.shape[1]
+    position = torch.arange(L)
+    causal = position[None, :] <= position[:, None]
+    return ((causal | (types == 0)[:, None, :]) & (attention == 1)[:, None, :]) | torch.eye(L, dtype=torch.bool)
+
+
+def test_exercise_prefix_lm_mask_check(capsys):
+    from nanopali.exercises.lesson03 import check_prefix_lm_mask
+
+    def without_diagonal(types, attention):  # padding rows see nothing: NaN in the softmax
+        L = types.shape[1]
+        causal = torch.arange(L)[None, :] <= torch.arange(L)[:, None]
+        return (causal | (types == 0)[:, None, :]) & (attention == 1)[:, None, :]
+
+    def ignores_padding(types, attention):
+        return _right_mask(types, torch.ones_like(attention))
+
+    def plain_causal(types, attention):
+        return _right_mask(torch.ones_like(types), attention)
+
+    assert not check_prefix_lm_mask(without_diagonal)
+    assert "must always see itself" in capsys.readouterr().out
+    assert not check_prefix_lm_mask(ignores_padding)
+    assert "padding" in capsys.readouterr().out
+    assert not check_prefix_lm_mask(plain_causal)
+    assert "in the prefix" in capsys.readouterr().out
+    assert check_prefix_lm_mask(_right_mask)
+    assert "correct" in capsys.readouterr().out
+
+
+def test_exercise_merge_check(capsys):
+    from nanopali.exercises.lesson03 import check_merge_image_features
+
+    def in_place(text_embeds, image_features, input_ids, image_token_id):
+        text_embeds[input_ids == image_token_id] = image_features.reshape(-1, image_features.shape[-1])
+        return text_embeds
+
+    def slots_at_the_start(text_embeds, image_features, input_ids, image_token_id):  # forgets the left padding
+        merged = text_embeds.clone()
+        merged[:, : image_features.shape[1]] = image_features
+        return merged
+
+    def right(text_embeds, image_features, input_ids, image_token_id):
+        merged = text_embeds.clone()
+        merged[input_ids == image_token_id] = image_features.reshape(-1, image_features.shape[-1])
+        return merged
+
+    assert not check_merge_image_features(in_place)
+    assert "in place" in capsys.readouterr().out
+    assert not check_merge_image_features(slots_at_the_start)
+    assert "not right yet" in capsys.readouterr().out
+    assert check_merge_image_features(right)
+
+
+def _detection(scale, order=(0, 1, 2, 3), prefix_label=-100):
+    def detection_example(processor, prompt, boxes, names, image_size):
+        objects = []
+        for box, name in zip(boxes, names):
+            locs = "".join(f"<loc{round(box[k] / image_size * scale):04d}>" for k in order)
+            objects.append(f"{locs} {name}")
+        ids, types = processor.encode(prompt, " ; ".join(objects))
+        return ids, [i if t == 1 else prefix_label for i, t in zip(ids, types)]
+    return detection_example
+
+
+def test_exercise_detection_check(capsys):
+    from nanopali.exercises.lesson03 import check_detection_example
+
+    assert not check_detection_example(_detection(1024))
+    assert "1023, not 1024" in capsys.readouterr().out
+    assert not check_detection_example(_detection(1023, order=(1, 0, 3, 2)))
+    assert "y comes first" in capsys.readouterr().out
+    assert not check_detection_example(_detection(1023, prefix_label=0))
+    assert "-100" in capsys.readouterr().out
+    assert check_detection_example(_detection(1023))

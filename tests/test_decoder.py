@@ -8,6 +8,7 @@ import torch
 
 from nanopali.bridge import prefix_lm_mask
 from nanopali.decoder import GemmaAttention, GemmaConfig, GemmaDecoderLayer, GemmaMLP, GemmaRMSNorm, repeat_kv
+from nanopali.exercises.lesson05 import check_grouped_attention, check_prompts_that_fit
 from nanopali.rope import GemmaRotaryEmbedding
 
 from conftest import reference_gemma_config
@@ -129,3 +130,62 @@ def test_config_refuses_heads_that_do_not_group():
         GemmaConfig.tiny(num_key_value_heads=3)
     with pytest.raises(ValueError, match="hidden_act 'relu' is not supported"):
         GemmaMLP(GemmaConfig.tiny(hidden_act="relu"))
+
+
+# Lesson 05's exercises: each check accepts a right answer and refuses plausible wrong ones.
+
+
+def _prompts_that_fit(config, memory_bytes, num_params, prompt_tokens, max_new_tokens, dtype, factor=2, heads=None,
+                      answer=True, weights=True, round_up=False):
+    size = torch.tensor([], dtype=dtype).element_size()
+    heads = config.num_key_value_heads if heads is None else getattr(config, heads)
+    positions = prompt_tokens + (max_new_tokens if answer else 0)
+    per_prompt = factor * config.num_hidden_layers * heads * config.head_dim * positions * size
+    free = memory_bytes - (num_params * size if weights else 0)
+    return max(0, -(-free // per_prompt) if round_up else free // per_prompt)
+
+
+def test_prompts_that_fit_check_accepts_the_count_and_refuses_common_slips(capsys):
+    assert check_prompts_that_fit(_prompts_that_fit)
+    assert "31 MHA, 127 GQA (2 kv heads), 255 MQA" in capsys.readouterr().out
+    slips = {"keys AND values": dict(factor=1), "not the query heads": dict(heads="num_attention_heads"),
+             "room for the answer too": dict(answer=False), "weights take their share": dict(weights=False),
+             "round down": dict(round_up=True)}
+    for message, slip in slips.items():
+        assert not check_prompts_that_fit(lambda *a, slip=slip: _prompts_that_fit(*a, **slip))
+        assert message in capsys.readouterr().out
+    negative = lambda c, m, n, p, a, dtype: (m - 2 * n) // 1000  # noqa: E731
+    assert not check_prompts_that_fit(negative)
+    assert check_prompts_that_fit(lambda c, m, n, p, a, dtype: _prompts_that_fit(c, m, n, p, a, torch.bfloat16)) \
+        is False  # dtype ignored
+
+
+def _grouped_attention(q, k, v, mask=None, strided=False, scale=True, fill=float("-inf")):
+    B, H, L, d = q.shape
+    G = k.shape[1]
+    if strided:  # the wrong grouping: head h with key/value head h % G
+        q = q.view(B, H // G, G, L, d).transpose(1, 2)
+    else:
+        q = q.view(B, G, H // G, L, d)
+    scores = q @ k[:, :, None].transpose(-2, -1) * (d**-0.5 if scale else 1.0)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, :, None], fill)
+    out = scores.softmax(-1) @ v[:, :, None]
+    if strided:
+        out = out.transpose(1, 2)
+    return out.reshape(B, H, L, d)
+
+
+def test_grouped_attention_check_accepts_the_grouping_and_refuses_wrong_ones(capsys):
+    assert check_grouped_attention(_grouped_attention)
+    assert not check_grouped_attention(lambda *a: _grouped_attention(*a, strided=True))
+    assert "query head h used key/value head h % 2; it should use h // 3" in capsys.readouterr().out
+    assert not check_grouped_attention(lambda *a: _grouped_attention(*a, scale=False))
+    assert "scale 1 / sqrt(head_dim) is missing" in capsys.readouterr().out
+    assert not check_grouped_attention(lambda q, k, v, mask=None: _grouped_attention(q, k, v))  # mask ignored
+    out = capsys.readouterr().out
+    assert "right without a mask, wrong with the causal one (your result is the unmasked one" in out
+    zero_filled = lambda q, k, v, mask=None: _grouped_attention(q, k, v, mask, fill=0.0)  # noqa: E731
+    assert not check_grouped_attention(zero_filled)  # 0 instead of -inf where the mask is False
+    out = capsys.readouterr().out
+    assert "right without a mask, wrong with the causal one:" in out and "must be -inf" in out

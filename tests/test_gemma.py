@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanopali.decoder import GemmaConfig
+from nanopali.exercises.lesson06 import check_generate_with_penalty, check_min_p_filter, check_repetition_penalty
 from nanopali.gemma import GemmaForCausalLM, KVCache, generate_tokens, sample_next_token
 
 from conftest import reference_gemma_config
@@ -252,3 +253,91 @@ def test_a_cache_made_for_another_batch_size_says_so():
     ours, _ = twin(CONFIGS["multi-query"])
     with pytest.raises(ValueError, match="made for a batch of 1, got 2"):
         ours(torch.tensor([[2, 300], [2, 301]]), kv_cache=KVCache(ours.config, 1, 8))
+
+
+# Lesson 06's exercises: each check accepts a right answer and refuses plausible wrong ones.
+
+
+def _penalty(logits, previous, penalty):
+    seen = logits.gather(-1, previous)
+    return logits.scatter(-1, previous, torch.where(seen > 0, seen / penalty, seen * penalty))
+
+
+def _penalty_divides_all(logits, previous, penalty):  # raises negative scores instead of lowering them
+    return logits.scatter(-1, previous, logits.gather(-1, previous) / penalty)
+
+
+def _penalty_per_occurrence(logits, previous, penalty):  # a token seen twice is penalised twice
+    out = logits.clone()
+    for row in range(previous.shape[0]):
+        for token in previous[row].tolist():
+            out[row, token] = out[row, token] / penalty if out[row, token] > 0 else out[row, token] * penalty
+    return out
+
+
+def _penalty_in_place(logits, previous, penalty):
+    return logits.scatter_(-1, previous, _penalty(logits, previous, penalty).gather(-1, previous))
+
+
+def test_repetition_penalty_check_accepts_the_rule_and_refuses_wrong_ones(capsys):
+    assert check_repetition_penalty(_penalty)
+    assert not check_repetition_penalty(_penalty_divides_all)
+    assert "multiply negative scores" in capsys.readouterr().out
+    assert not check_repetition_penalty(_penalty_per_occurrence)
+    assert "penalised twice" in capsys.readouterr().out
+    assert not check_repetition_penalty(_penalty_in_place)
+    assert "input logits were changed" in capsys.readouterr().out
+
+
+def _min_p(logits, min_p):
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), float("-inf"))
+
+
+def test_min_p_check_accepts_the_filter_and_refuses_wrong_ones(capsys):
+    assert check_min_p_filter(_min_p)
+    absolute = lambda logits, min_p: logits.masked_fill(logits.softmax(-1) < min_p, float("-inf"))  # noqa: E731
+    assert not check_min_p_filter(absolute)  # not relative to the best token
+    on_logits = lambda logits, min_p: logits.masked_fill(  # noqa: E731
+        logits < min_p * logits.amax(-1, keepdim=True), float("-inf"))
+    assert not check_min_p_filter(on_logits)  # raw logits, not probabilities
+    assert "not right yet" in capsys.readouterr().out
+    assert not check_min_p_filter(lambda logits, min_p: logits.softmax(-1))  # probabilities, not filtered logits
+    assert "return logits, not probabilities" in capsys.readouterr().out
+
+
+def test_min_p_check_names_in_place_filling_zeros_and_probabilities(capsys):
+    in_place = lambda logits, min_p: logits.masked_fill_(  # noqa: E731
+        logits.softmax(-1) < min_p * logits.softmax(-1).amax(-1, keepdim=True), float("-inf"))
+    assert not check_min_p_filter(in_place)
+    assert "input logits were changed" in capsys.readouterr().out
+    zeros = lambda logits, min_p: logits.masked_fill(  # noqa: E731
+        logits.softmax(-1) < min_p * logits.softmax(-1).amax(-1, keepdim=True), 0.0)
+    probabilities = lambda logits, min_p: logits.softmax(-1).masked_fill(  # noqa: E731
+        logits.softmax(-1) < min_p * logits.softmax(-1).amax(-1, keepdim=True), 0.0)
+    for wrong in (zeros, probabilities):
+        assert not check_min_p_filter(wrong)
+        assert "dropped tokens must be -inf, not 0 (and return logits, not probabilities)" in capsys.readouterr().out
+
+
+@torch.inference_mode()
+def _generate_with_penalty(model, input_ids, max_new_tokens, penalty, feed_everything=False):
+    cache = KVCache(model.config, 1, 100)
+    logits = model(input_ids, kv_cache=cache, last_only=True)
+    sequence = input_ids
+    for step in range(max_new_tokens):
+        token = _penalty(logits[:, -1], sequence, penalty).argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        if step < max_new_tokens - 1:
+            logits = model(sequence if feed_everything else token, kv_cache=cache, last_only=True)
+    return sequence[:, input_ids.shape[1]:]
+
+
+def test_generate_with_penalty_check_reports_the_tokens_per_pass_first(capsys):
+    assert check_generate_with_penalty(_generate_with_penalty)
+    everything = lambda *a: _generate_with_penalty(*a, feed_everything=True)  # noqa: E731
+    assert not check_generate_with_penalty(everything)  # the whole sequence, with the cache, at every step
+    out = capsys.readouterr().out
+    assert "fed the model [5, 6, 7" in out and "penalise" not in out
+    assert not check_generate_with_penalty(lambda *a: _generate_with_penalty(*a[:3], 1.0))  # no penalty
+    assert "penalise every token already in the sequence" in capsys.readouterr().out

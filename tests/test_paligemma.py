@@ -383,3 +383,69 @@ def test_generate_refuses_empty_and_unordered_batches(good_folder):
         nanopali.generate(model, processor, [], [])
     with pytest.raises(TypeError, match="a set has no order"):
         nanopali.generate(model, processor, set(IMAGE_FILES), PROMPTS)
+
+
+# Lesson 07's exercises: each check accepts a right answer and refuses plausible wrong ones.
+
+def _load_strictly(folder, files, strict=True):
+    config = PaliGemmaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        model = PaliGemmaForConditionalGeneration(config)
+    state = {}
+    for file in files:
+        state.update({canonical_name(k): v for k, v in load_file(str(folder / file)).items()})
+    model.load_state_dict(state, strict=strict, assign=True)
+    return model
+
+
+def _all_shards(folder):
+    return sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+
+
+def test_exercise_layouts_are_the_ones_transformers_uses():
+    "The in-memory layout the check of exercise 7.1 builds is transformers' own, name for name."
+    from nanopali.exercises.lesson07 import _in_memory
+
+    with torch.device("meta"):
+        ours = PaliGemmaForConditionalGeneration(PaliGemmaConfig.from_dict(PALIGEMMA_3B_PT_224_CONFIG))
+        ref = transformers.PaliGemmaForConditionalGeneration(transformers.PaliGemmaConfig(**PALIGEMMA_3B_PT_224_CONFIG))
+    assert {_in_memory(n, vision_model=False) for n in ours.state_dict()} | {"lm_head.weight"} == set(ref.state_dict())
+
+
+def test_check_canonical_accepts_canonical_name_and_refuses_the_hub_rename_alone(capsys):
+    from nanopali.exercises.lesson07 import check_canonical
+
+    assert check_canonical(canonical_name)
+    assert not check_canonical(lambda n: n.replace("vision_tower.vision_model.", "vision_tower.", 1))
+    assert "not right yet: transformers 4.52-4.57 in memory" in capsys.readouterr().out
+    no_head = lambda n: "language_model.model.lm_head.weight" if n.endswith("lm_head.weight") else canonical_name(n)  # noqa: E731
+    assert not check_canonical(no_head)
+    assert "lm_head.weight" in capsys.readouterr().out
+
+
+def test_check_load_sharded_accepts_all_shards_and_refuses_one(capsys):
+    from nanopali.exercises.lesson07 import check_load_sharded
+
+    assert check_load_sharded(lambda folder: _load_strictly(folder, _all_shards(folder)))
+    first_only = lambda folder: _load_strictly(folder, _all_shards(folder)[:1], strict=False)  # noqa: E731
+    assert not check_load_sharded(first_only)
+    assert "never filled (still on the meta device)" in capsys.readouterr().out
+
+
+def _diagnose(folder, rename=canonical_name, shapes=True):
+    config = PaliGemmaConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in PaliGemmaForConditionalGeneration(config).state_dict().items()}
+    found = {rename(k): tuple(v.shape) for k, v in load_file(str(folder / "model.safetensors")).items()}
+    return {"missing": sorted(set(expected) - set(found)), "unexpected": sorted(set(found) - set(expected)),
+            "wrong_shape": sorted(k for k in found if shapes and k in expected and found[k] != expected[k])}
+
+
+def test_check_diagnose_accepts_a_right_report_and_refuses_wrong_ones(capsys):
+    from nanopali.exercises.lesson07 import check_diagnose
+
+    assert check_diagnose(_diagnose)
+    assert not check_diagnose(lambda folder: _diagnose(folder, shapes=False))  # misses the wrong width
+    assert "wrong_shape: got []" in capsys.readouterr().out
+    assert not check_diagnose(lambda folder: _diagnose(folder, rename=lambda n: n))  # the file's names, unmapped
+    assert "an intact checkpoint gave" in capsys.readouterr().out

@@ -188,7 +188,7 @@ def _unpatchify(patches, patch_size, image_size, order=(0, 3, 1, 4, 2, 5)):
 
 
 def test_exercise_unpatchify_check(capsys):
-    assert check_unpatchify(_unpatchify) is True
+    assert check_unpatchify(_unpatchify)
     # each plausible mistake gets its own diagnosis
     wrong = {
         "plain reshape": lambda p, P, S: p.reshape(p.shape[0], 3, S, S),  # no permute: memory order
@@ -199,15 +199,15 @@ def test_exercise_unpatchify_check(capsys):
     }
     capsys.readouterr()
     for diagnosis, answer in wrong.items():
-        assert check_unpatchify(answer) is False
+        assert not check_unpatchify(answer)
         out = capsys.readouterr().out
         assert "not right yet" in out and diagnosis in out, (diagnosis, out)
 
 
 def test_exercise_conv_weight_from_jax_check(capsys):
-    assert check_conv_weight_from_jax(lambda k: k.permute(3, 2, 0, 1)) is True
-    assert check_conv_weight_from_jax(lambda k: k.reshape(k.shape[3], k.shape[2], k.shape[0], k.shape[1])) is False
-    assert check_conv_weight_from_jax(lambda k: k.permute(3, 2, 1, 0)) is False  # height and width swapped
+    assert check_conv_weight_from_jax(lambda k: k.permute(3, 2, 0, 1))
+    assert not check_conv_weight_from_jax(lambda k: k.reshape(k.shape[3], k.shape[2], k.shape[0], k.shape[1]))
+    assert not check_conv_weight_from_jax(lambda k: k.permute(3, 2, 1, 0))  # height and width swapped
     assert "not right yet" in capsys.readouterr().out
 
 
@@ -221,7 +221,7 @@ def _resize(weight, new_grid, perm=(0, 3, 1, 2), **kwargs):
 
 
 def test_exercise_resize_position_embeddings_check(capsys):
-    assert check_resize_position_embeddings(_resize) is True
+    assert check_resize_position_embeddings(_resize)
     F = torch.nn.functional
 
     def straight_to_channels(w, g, read_back_with_permute):  # (N, D) reshaped to (1, D, grid, grid), no permute
@@ -237,6 +237,6 @@ def test_exercise_resize_position_embeddings_check(capsys):
     }
     capsys.readouterr()
     for diagnosis, answer in wrong.items():
-        assert check_resize_position_embeddings(answer) is False
+        assert not check_resize_position_embeddings(answer)
         out = capsys.readouterr().out
         assert "not right yet" in out and diagnosis in out, (diagnosis, out)

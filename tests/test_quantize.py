@@ -86,3 +86,46 @@ def test_int8_refuses_a_model_that_is_not_on_the_cpu():
         model = GemmaForCausalLM(GemmaConfig.tiny())
     with pytest.raises(ValueError, match="the model is on meta: int8 here uses PyTorch's CPU kernel"):
         quantize_int8(model)
+
+
+# ---------------------------------------------------------------- exercises (their checks refuse wrong answers)
+
+
+def _int8_linear(x, weight_int8, scale, bias=None):
+    out = (x.float() @ weight_int8.float().T) * scale
+    return (out if bias is None else out + bias).to(x.dtype)
+
+
+def test_exercise_10_1_refuses_a_forgotten_scale_or_bias_and_a_float32_answer_to_bfloat16(capsys):
+    from nanopali.exercises.lesson10 import check_int8_linear
+
+    assert not check_int8_linear(lambda x, q, s, b=None: x @ q.float().T + (0 if b is None else b))
+    assert not check_int8_linear(lambda x, q, s, b=None: _int8_linear(x, q, s))  # the bias left out
+    assert not check_int8_linear(lambda x, q, s, b=None: _int8_linear(x.float(), q, s, b))  # float32 out
+    assert "Exercise 10.1: not right yet" in capsys.readouterr().out
+    assert check_int8_linear(_int8_linear)
+
+
+def _quantize_groups(weight, bits=4, group_size=32, top=None, transpose=False):
+    top = top or 2 ** (bits - 1) - 1
+    w = weight.T if transpose else weight
+    out, width = w.shape
+    groups = w.float().reshape(out, width // group_size, group_size)
+    scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / top
+    q = torch.round(groups / scale[..., None]).clamp(-top - 1, top).to(torch.int8).reshape(out, width)
+    if transpose:  # groups taken down the columns: the shapes come out right only for a square matrix
+        return q.T.contiguous(), scale.reshape(weight.shape[0], -1)
+    return q, scale
+
+
+def test_exercise_10_2_refuses_the_asymmetric_range_and_one_scale_per_row(capsys):
+    from nanopali.exercises.lesson10 import check_quantize_groups
+
+    assert check_quantize_groups(lambda w, bits=4, group_size=32: _quantize_groups(w, bits, group_size,
+                                                                                    top=2 ** (bits - 1))) is False
+    per_row = lambda w, bits=4, group_size=32: _quantize_groups(w, bits, w.shape[1])
+    assert not check_quantize_groups(per_row)
+    assert check_quantize_groups(lambda w, bits=4, group_size=32: _quantize_groups(w, bits, group_size,
+                                                                                    transpose=True)) is False
+    assert "Exercise 10.2: not right yet" in capsys.readouterr().out
+    assert check_quantize_groups(_quantize_groups)

@@ -67,3 +67,64 @@ def test_rotation_keeps_lengths():
     cos, sin = GemmaRotaryEmbedding(32)(x, torch.arange(6)[None] * 37)
     rotated, _ = apply_rope(x, x, cos, sin)
     torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1), atol=1e-5, rtol=0)
+
+
+# Exercises: each check accepts a right answer and refuses plausible wrong ones.
+
+def _interleaved(sign=1.0, speeds=rope_inverse_frequencies):
+    def rope_interleaved(x, position_ids, theta=10000.0):
+        angles = sign * (position_ids[..., None].float() * speeds(x.shape[-1], theta))[:, None]
+        a, b = x[..., 0::2], x[..., 1::2]
+        return torch.stack([a * angles.cos() - b * angles.sin(), b * angles.cos() + a * angles.sin()], -1).flatten(-2)
+    return rope_interleaved
+
+
+def test_exercise_rope_interleaved_check(capsys):
+    from nanopali.exercises.lesson04 import check_rope_interleaved
+
+    def half_split(x, position_ids, theta=10000.0):  # the lesson's layout, not the exercise's
+        return apply_rope(x, x, *GemmaRotaryEmbedding(x.shape[-1], theta)(x, position_ids))[0]
+
+    assert not check_rope_interleaved(half_split)
+    assert "half-split" in capsys.readouterr().out
+    assert not check_rope_interleaved(_interleaved(sign=-1.0))
+    assert "wrong way" in capsys.readouterr().out
+    assert not check_rope_interleaved(_interleaved(speeds=lambda d, theta: torch.ones(d // 2)))
+    assert check_rope_interleaved(_interleaved())
+
+
+def test_exercise_rope_complex_check(capsys):
+    from nanopali.exercises.lesson04 import check_rope_complex
+
+    def complex_rope(conjugate):
+        def rope_complex(x, position_ids, theta=10000.0):
+            x1, x2 = x.chunk(2, dim=-1)
+            angles = (position_ids[..., None].float() * rope_inverse_frequencies(x.shape[-1], theta))[:, None]
+            turn = torch.polar(torch.ones_like(angles), -angles if conjugate else angles)
+            turned = torch.complex(x1, x2) * turn
+            return torch.cat([turned.real, turned.imag], dim=-1)
+        return rope_complex
+
+    assert not check_rope_complex(complex_rope(conjugate=True))
+    assert "wrong way" in capsys.readouterr().out
+    assert not check_rope_complex(lambda x, p, theta=10000.0: x)
+    assert check_rope_complex(complex_rope(conjugate=False))
+
+
+def test_exercise_rope_matrix_check(capsys):
+    from nanopali.exercises.lesson04 import check_rope_matrix
+
+    def matrix(neighbours):
+        def rope_matrix(position, head_dim, theta=10000.0):
+            angles = position * rope_inverse_frequencies(head_dim, theta)
+            R = torch.zeros(head_dim, head_dim)
+            for i, (c, s) in enumerate(zip(angles.cos(), angles.sin())):
+                a, b = (2 * i, 2 * i + 1) if neighbours else (i, i + head_dim // 2)
+                R[a, a], R[a, b], R[b, a], R[b, b] = c, -s, s, c
+            return R
+        return rope_matrix
+
+    assert not check_rope_matrix(matrix(neighbours=True))
+    assert "half-split" in capsys.readouterr().out
+    assert not check_rope_matrix(lambda position, head_dim, theta=10000.0: torch.eye(head_dim))
+    assert check_rope_matrix(matrix(neighbours=False))

@@ -179,10 +179,10 @@ def _one_hot_head(grid, sharpness=10.0, of=lambda i, g: i % g):
 
 
 def test_exercise_same_column_head_check(capsys):
-    assert check_same_column_head(_one_hot_head) is True
-    assert check_same_column_head(lambda g: _one_hot_head(g, of=lambda i, g: i // g)) is False  # same row
-    assert check_same_column_head(lambda g: _one_hot_head(g, sharpness=2.0)) is False  # too soft
-    assert check_same_column_head(lambda g: (50 * torch.eye(g * g), torch.eye(g * g))) is False  # only itself
+    assert check_same_column_head(_one_hot_head)
+    assert not check_same_column_head(lambda g: _one_hot_head(g, of=lambda i, g: i // g))  # same row
+    assert not check_same_column_head(lambda g: _one_hot_head(g, sharpness=2.0))  # too soft
+    assert not check_same_column_head(lambda g: (50 * torch.eye(g * g), torch.eye(g * g)))  # only itself
     assert "not right yet" in capsys.readouterr().out
 
 
@@ -197,11 +197,11 @@ def _loops(q, k, v, stable=True, scale=True):
 
 
 def test_exercise_attention_loops_check(capsys):
-    assert check_attention_loops(_loops) is True
-    assert check_attention_loops(lambda q, k, v: _loops(q, k, v, stable=False)) is False  # overflows
-    assert check_attention_loops(lambda q, k, v: _loops(q, k, v, scale=False)) is False  # no 1 / sqrt(d)
+    assert check_attention_loops(_loops)
+    assert not check_attention_loops(lambda q, k, v: _loops(q, k, v, stable=False))  # overflows
+    assert not check_attention_loops(lambda q, k, v: _loops(q, k, v, scale=False))  # no 1 / sqrt(d)
     # weights normalised over the queries instead of over the keys
-    assert check_attention_loops(lambda q, k, v: (q @ k.T / 2).softmax(dim=0) @ v) is False
+    assert not check_attention_loops(lambda q, k, v: (q @ k.T / 2).softmax(dim=0) @ v)
     assert "not right yet" in capsys.readouterr().out
 
 
@@ -214,7 +214,7 @@ def _sigmoid_loss(x, y, t_prime, b, normalise=True, temperature=math.exp, per=la
 
 
 def test_exercise_sigmoid_loss_check(capsys):
-    assert check_sigmoid_loss(_sigmoid_loss) is True
+    assert check_sigmoid_loss(_sigmoid_loss)
     # each usual mistake is recognised from the loss it gives, and named
     wrong = {
         "F.normalize": lambda *a: _sigmoid_loss(*a, normalise=False),
@@ -225,7 +225,7 @@ def test_exercise_sigmoid_loss_check(capsys):
     }
     capsys.readouterr()
     for diagnosis, answer in wrong.items():
-        assert check_sigmoid_loss(answer) is False
+        assert not check_sigmoid_loss(answer)
         out = capsys.readouterr().out
         assert "not right yet" in out and diagnosis in out, (diagnosis, out)
     # the random batch names the mistake too: t' used as t only for t' = 0.5 there (right on the two-pair batch)
@@ -238,5 +238,5 @@ def test_exercise_sigmoid_loss_check(capsys):
         target = torch.arange(len(x))
         return (F.cross_entropy(z, target) + F.cross_entropy(z.T, target)) / 2
 
-    assert check_sigmoid_loss(clip_loss) is False
+    assert not check_sigmoid_loss(clip_loss)
     assert "not right yet" in capsys.readouterr().out

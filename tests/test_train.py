@@ -253,3 +253,75 @@ def test_pretraining_lowers_the_probe_loss(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "model.log.jsonl")]
     assert {r["stage"] for r in records} == {"pretrain"}
     assert records[-1]["loss"] < 0.6 * records[0]["loss"]
+
+
+# The exercises' checks (nanopali/exercises/lesson08.py): each refuses plausible wrong answers, accepts a right one.
+
+def _answer_loss(token_mean=False, shift=True):
+    def answer_loss(logits, input_ids, token_type_ids):
+        labels = input_ids.masked_fill(token_type_ids == 0, -100)
+        predictions, targets = (logits[:, :-1], labels[:, 1:]) if shift else (logits, labels)
+        if token_mean:
+            return torch.nn.functional.cross_entropy(predictions.transpose(1, 2), targets, ignore_index=-100)
+        per_token = torch.nn.functional.cross_entropy(predictions.transpose(1, 2), targets, ignore_index=-100,
+                                                      reduction="none")
+        counted = targets != -100
+        return ((per_token * counted).sum(1) / counted.sum(1)).mean()
+    return answer_loss
+
+
+def test_check_answer_loss_refuses_a_token_mean_and_a_missing_shift(capsys):
+    from nanopali.exercises.lesson08 import check_answer_loss
+
+    assert not check_answer_loss(_answer_loss(token_mean=True))
+    assert "average each sequence's answer first" in capsys.readouterr().out
+    assert not check_answer_loss(_answer_loss(shift=False))
+    assert "t + 1" in capsys.readouterr().out
+    assert not check_answer_loss(lambda logits, ids, types: suffix_loss(logits, ids))  # prompt counted too
+    assert check_answer_loss(_answer_loss())
+
+
+def _wsd(zero_start=False, clamp=True):
+    import math
+
+    def wsd_factor(step, steps, warmup, decay, final):
+        if step < warmup:
+            return step / warmup if zero_start else (step + 1) / warmup
+        progress = max(0.0, (step - (steps - decay)) / decay)
+        progress = min(1.0, progress) if clamp else progress
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    return wsd_factor
+
+
+def test_check_wsd_factor_refuses_a_zero_first_step_and_a_decay_past_the_end(capsys):
+    from nanopali.exercises.lesson08 import check_wsd_factor
+
+    assert not check_wsd_factor(_wsd(zero_start=True))
+    assert "at step 0" in capsys.readouterr().out
+    assert not check_wsd_factor(_wsd(clamp=False))
+    assert "at step 130" in capsys.readouterr().out
+    assert not check_wsd_factor(lambda step, steps, warmup, decay, final: 1.0)
+    assert check_wsd_factor(_wsd())
+
+
+def _unclamped_iou(a, b):
+    h, w = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    return h * w / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - h * w)
+
+
+def _detection_score(box_iou, check_name=True):
+    def detection_score(answer, suffix, image_size):
+        predicted, wanted = parse_detections(answer, image_size), parse_detections(suffix, image_size)
+        return sum(any((n == name or not check_name) and box_iou(b, box) > 0.5 for n, b in predicted)
+                   for name, box in wanted), len(wanted)
+    return detection_score
+
+
+def test_check_detection_score_refuses_unclamped_overlaps_and_ignored_names(capsys):
+    from nanopali.exercises.lesson08 import check_detection_score
+
+    assert not check_detection_score(_unclamped_iou, _detection_score(iou))
+    assert "expected 0.0000" in capsys.readouterr().out
+    assert not check_detection_score(iou, _detection_score(iou, check_name=False))
+    assert "names swapped" in capsys.readouterr().out
+    assert check_detection_score(iou, _detection_score(iou))

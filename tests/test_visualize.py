@@ -198,3 +198,43 @@ def test_overlay_stretches_the_grid_over_the_whole_photo():
     overlay(ax, IMAGES / "chelsea.png", torch.rand(16, 16), "a map")
     image_layer, map_layer = ax.images
     assert image_layer.get_extent() == map_layer.get_extent() == [0, 451, 300, 0]
+
+
+# ---------------------------------------------------------------- exercises (their checks refuse wrong answers)
+
+
+def _box_to_locs(box, width, height, first="y", divide=1023):
+    y0, x0, y1, x1 = box
+    pairs = [(y0, height), (x0, width), (y1, height), (x1, width)]
+    if first == "x":
+        pairs = [pairs[1], pairs[0], pairs[3], pairs[2]]
+    return "".join(f"<loc{round(v / side * divide):04d}>" for v, side in pairs)
+
+
+def test_exercise_9_1_refuses_boxes_read_x_first_or_over_1024(capsys):
+    from nanopali.exercises.lesson09 import check_box_to_locs
+
+    assert not check_box_to_locs(lambda b, w, h: _box_to_locs(b, w, h, first="x"))
+    assert not check_box_to_locs(lambda b, w, h: _box_to_locs(b, w, h, divide=1024))
+    assert not check_box_to_locs(lambda b, w, h: _box_to_locs(b, h, w))  # width and height swapped
+    assert "Exercise 9.1: not right yet" in capsys.readouterr().out
+    assert check_box_to_locs(_box_to_locs)
+
+
+def _share_in_box(grid_map, box, width, height, transpose=False, normalise=True):
+    grid = grid_map.shape[-1]
+    ys = (torch.arange(grid) + 0.5) * height / grid
+    xs = (torch.arange(grid) + 0.5) * width / grid
+    inside = ((ys >= box[0]) & (ys <= box[2]))[:, None] & ((xs >= box[1]) & (xs <= box[3]))[None, :]
+    inside = inside.T if transpose else inside
+    total = grid_map.sum() if normalise else 1
+    return ((grid_map * inside).sum() / total).item()
+
+
+def test_exercise_9_2_refuses_a_transposed_grid_and_a_share_not_divided_by_the_total(capsys):
+    from nanopali.exercises.lesson09 import check_share_in_box
+
+    assert not check_share_in_box(lambda *a: _share_in_box(*a, transpose=True))
+    assert not check_share_in_box(lambda *a: _share_in_box(*a, normalise=False))
+    assert "Exercise 9.2: not right yet" in capsys.readouterr().out
+    assert check_share_in_box(_share_in_box)
