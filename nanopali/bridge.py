@@ -39,11 +39,13 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1000) -> Tokenizer:
 
     Ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, "\\n" 4, the 256 byte tokens, the learned pieces (about
     vocab_size in all), then the 1024 <locNNNN>, the 128 <segNNN> and <image>, as in the real tokenizer."""
+    # BpeTrainer learns the merges (most frequent adjacent pair first) until the vocabulary is full
     trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - len(BYTE_TOKENS), 10), show_progress=False,
                                   special_tokens=SPECIAL_TOKENS + ["\n"])
     learner = Tokenizer(models.BPE(unk_token="<unk>"))
     learner.normalizer = normalizers.Replace(" ", SPACE)
-    learner.pre_tokenizer = pre_tokenizers.Split(SPACE, behavior="merged_with_next")  # pieces never span words
+    # split before each "▁", which sticks to the next word ("merged_with_next"): pieces never span two words
+    learner.pre_tokenizer = pre_tokenizers.Split(SPACE, behavior="merged_with_next")
     learner.train_from_iterator(texts, trainer)
     learned = json.loads(learner.to_str())["model"]
 
@@ -51,11 +53,13 @@ def build_tokenizer(texts: list[str], vocab_size: int = 1000) -> Tokenizer:
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ["\n"] + BYTE_TOKENS)}
     for token, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
         vocab.setdefault(token, len(vocab))
+    # tokenizers versions store each merge as a string "a b" or as a pair ["a", "b"]: accept both
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
 
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
     tokenizer.normalizer = normalizers.Replace(" ", SPACE)
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    # normalized=False: added tokens are matched in the raw text, before spaces become "▁"
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
     tokenizer.add_tokens([AddedToken(t, normalized=False) for t in LOC_TOKENS + SEG_TOKENS])
     tokenizer.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])

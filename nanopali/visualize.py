@@ -169,7 +169,7 @@ def draw_attention(image, answer: Answer, layer: int | None = None, head: int | 
     width, height = image.size
     panel_w = 2.4 * min(max(width / height, 0.8), 1.8)  # panels shaped like the image, room for their titles
     fig_w = max(panel_w * cols, 5.5)  # room for the title
-    fig = Figure(figsize=(fig_w, 2.4 * rows + 0.7))
+    fig = Figure(figsize=(fig_w, 2.75 * rows + 0.9))  # a row: the panel and its title
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     for ax in axes:
         ax.set_axis_off()

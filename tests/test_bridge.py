@@ -284,6 +284,18 @@ def test_exercise_prefix_lm_mask_check(capsys):
     assert "padding" in capsys.readouterr().out
     assert not check_prefix_lm_mask(plain_causal)
     assert "in the prefix" in capsys.readouterr().out
+
+    def padding_rows(types, attention):  # masks padding queries (rows) instead of padding keys (columns)
+        L = types.shape[1]
+        causal = torch.arange(L)[None, :] <= torch.arange(L)[:, None]
+        return ((causal | (types == 0)[:, None, :]) & (attention == 1)[:, :, None]) | torch.eye(L, dtype=torch.bool)
+
+    def rows_and_columns(types, attention):  # right on the columns, but also blanks the padding rows
+        return _right_mask(types, attention) & ((attention == 1)[:, :, None] | torch.eye(types.shape[1], dtype=bool))
+
+    for wrong in (padding_rows, rows_and_columns):
+        assert not check_prefix_lm_mask(wrong)
+        assert "key axis (columns), not the query axis" in capsys.readouterr().out
     assert check_prefix_lm_mask(_right_mask)
     assert "correct" in capsys.readouterr().out
 

@@ -156,8 +156,8 @@ def test_prompts_that_fit_check_accepts_the_count_and_refuses_common_slips(capsy
         assert message in capsys.readouterr().out
     negative = lambda c, m, n, p, a, dtype: (m - 2 * n) // 1000  # noqa: E731
     assert not check_prompts_that_fit(negative)
-    assert check_prompts_that_fit(lambda c, m, n, p, a, dtype: _prompts_that_fit(c, m, n, p, a, torch.bfloat16)) \
-        is False  # dtype ignored
+    assert not check_prompts_that_fit(  # dtype ignored
+        lambda c, m, n, p, a, dtype: _prompts_that_fit(c, m, n, p, a, torch.bfloat16))
 
 
 def _grouped_attention(q, k, v, mask=None, strided=False, scale=True, fill=float("-inf")):

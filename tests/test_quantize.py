@@ -101,6 +101,7 @@ def test_exercise_10_1_refuses_a_forgotten_scale_or_bias_and_a_float32_answer_to
 
     assert not check_int8_linear(lambda x, q, s, b=None: x @ q.float().T + (0 if b is None else b))
     assert not check_int8_linear(lambda x, q, s, b=None: _int8_linear(x, q, s))  # the bias left out
+    assert "add the bias" in capsys.readouterr().out
     assert not check_int8_linear(lambda x, q, s, b=None: _int8_linear(x.float(), q, s, b))  # float32 out
     assert "Exercise 10.1: not right yet" in capsys.readouterr().out
     assert check_int8_linear(_int8_linear)
@@ -121,11 +122,26 @@ def _quantize_groups(weight, bits=4, group_size=32, top=None, transpose=False):
 def test_exercise_10_2_refuses_the_asymmetric_range_and_one_scale_per_row(capsys):
     from nanopali.exercises.lesson10 import check_quantize_groups
 
-    assert check_quantize_groups(lambda w, bits=4, group_size=32: _quantize_groups(w, bits, group_size,
-                                                                                    top=2 ** (bits - 1))) is False
+    assert not check_quantize_groups(lambda w, bits=4, group_size=32: _quantize_groups(w, bits, group_size,
+                                                                                        top=2 ** (bits - 1)))
     per_row = lambda w, bits=4, group_size=32: _quantize_groups(w, bits, w.shape[1])
     assert not check_quantize_groups(per_row)
-    assert check_quantize_groups(lambda w, bits=4, group_size=32: _quantize_groups(w, bits, group_size,
-                                                                                    transpose=True)) is False
+    assert not check_quantize_groups(lambda w, bits=4, group_size=32: _quantize_groups(w, bits, group_size,
+                                                                                        transpose=True))
     assert "Exercise 10.2: not right yet" in capsys.readouterr().out
     assert check_quantize_groups(_quantize_groups)
+
+
+def test_exercise_10_2_names_the_value_q_reaches_with_its_sign(capsys):
+    from nanopali.exercises.lesson10 import check_quantize_groups
+
+    def clamped(weight, bits=4, group_size=32):  # scale = max / 8, then clamped to -8..7: -max becomes -8
+        out, width = weight.shape
+        groups = weight.float().reshape(out, width // group_size, group_size)
+        scale = groups.abs().amax(dim=-1) / 2 ** (bits - 1)
+        q = torch.round(groups / scale[..., None]).clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        return q.to(torch.int8).reshape(out, width), scale
+
+    assert not check_quantize_groups(clamped)
+    out = capsys.readouterr().out
+    assert "q reaches -8" in out and "q reaches 8" not in out

@@ -127,4 +127,7 @@ def test_exercise_rope_matrix_check(capsys):
     assert not check_rope_matrix(matrix(neighbours=True))
     assert "half-split" in capsys.readouterr().out
     assert not check_rope_matrix(lambda position, head_dim, theta=10000.0: torch.eye(head_dim))
+    capsys.readouterr()
+    assert not check_rope_matrix(lambda position, head_dim, theta=10000.0: matrix(False)(position, head_dim).T)
+    assert "wrong way" in capsys.readouterr().out
     assert check_rope_matrix(matrix(neighbours=False))

@@ -229,8 +229,8 @@ def test_exercise_sigmoid_loss_check(capsys):
         out = capsys.readouterr().out
         assert "not right yet" in out and diagnosis in out, (diagnosis, out)
     # the random batch names the mistake too: t' used as t only for t' = 0.5 there (right on the two-pair batch)
-    assert check_sigmoid_loss(lambda x, y, tp, b: _sigmoid_loss(x, y, tp, b, temperature=lambda t: t)
-                              if tp == 0.5 else _sigmoid_loss(x, y, tp, b)) is False
+    assert not check_sigmoid_loss(lambda x, y, tp, b: _sigmoid_loss(x, y, tp, b, temperature=lambda t: t)
+                                  if tp == 0.5 else _sigmoid_loss(x, y, tp, b))
     assert "use t = exp(t')" in capsys.readouterr().out
 
     def clip_loss(x, y, t_prime, b):  # CLIP's softmax loss: another loss, not SigLIP's

@@ -221,11 +221,14 @@ def test_exercise_9_1_refuses_boxes_read_x_first_or_over_1024(capsys):
     assert check_box_to_locs(_box_to_locs)
 
 
-def _share_in_box(grid_map, box, width, height, transpose=False, normalise=True):
+def _share_in_box(grid_map, box, width, height, transpose=False, normalise=True, strict=False):
     grid = grid_map.shape[-1]
     ys = (torch.arange(grid) + 0.5) * height / grid
     xs = (torch.arange(grid) + 0.5) * width / grid
-    inside = ((ys >= box[0]) & (ys <= box[2]))[:, None] & ((xs >= box[1]) & (xs <= box[3]))[None, :]
+    if strict:  # edges left out
+        inside = ((ys > box[0]) & (ys < box[2]))[:, None] & ((xs > box[1]) & (xs < box[3]))[None, :]
+    else:
+        inside = ((ys >= box[0]) & (ys <= box[2]))[:, None] & ((xs >= box[1]) & (xs <= box[3]))[None, :]
     inside = inside.T if transpose else inside
     total = grid_map.sum() if normalise else 1
     return ((grid_map * inside).sum() / total).item()
@@ -236,5 +239,12 @@ def test_exercise_9_2_refuses_a_transposed_grid_and_a_share_not_divided_by_the_t
 
     assert not check_share_in_box(lambda *a: _share_in_box(*a, transpose=True))
     assert not check_share_in_box(lambda *a: _share_in_box(*a, normalise=False))
+    assert "divide by the map's total" in capsys.readouterr().out
+    assert not check_share_in_box(lambda *a: _share_in_box(*a, strict=True))
+    assert "a centre on the edge counts as inside" in capsys.readouterr().out
+    assert not check_share_in_box(lambda m, b, w, h: _share_in_box(m, b, h, w))  # width and height swapped
+    out = capsys.readouterr().out
+    assert "y is a fraction of the height, x of the width" in out and "divide by the map's total" not in out
+    assert not check_share_in_box(lambda *a: _share_in_box(*a, transpose=True))
     assert "Exercise 9.2: not right yet" in capsys.readouterr().out
     assert check_share_in_box(_share_in_box)

@@ -34,7 +34,14 @@ def _batch(side: str, suffixes: list[str] | None = SUFFIXES) -> dict:
 
 def _mask_problem(got: torch.Tensor, want: torch.Tensor, types: torch.Tensor, attention: torch.Tensor) -> str:
     "Say in words what is wrong at the first place where the two masks differ."
-    b, i, j = (int(v) for v in (got != want).nonzero()[0])
+    wrong = got != want
+    padding_query, padding_key = (attention == 0)[:, :, None], (attention == 0)[:, None, :]
+    if ((wrong & ~padding_query & ~padding_key).sum() == 0 and (wrong & padding_query).any()
+            and (got & padding_query & ~padding_key).sum() == 0):  # padding rows blanked instead of columns
+        return ("the padding rows (queries) see no real token: padding is removed on the key axis (columns), not "
+                "the query axis (rows): no query may see a padding key, and a padding query still sees the real "
+                "tokens the rule allows (its output is never used)")
+    b, i, j = (int(v) for v in wrong.nonzero()[0])
     where = f"row {b}, query {i}, key {j}"
     if i == j:
         return (f"{where}: a token must always see itself, padding included (a padding query that sees nothing "

@@ -87,6 +87,8 @@ def check_rope_matrix(rope_matrix) -> str:
     assert isinstance(R, torch.Tensor) and tuple(R.shape) == (d, d), f"expected a ({d}, {d}) tensor"
     x = torch.randn(d)
     want = _half_split(x[None, None, None], torch.tensor([[m]]))[0, 0, 0]
+    assert not _close(R.float().T @ x, want, 1e-4), \
+        "your R(m) turns the wrong way (it is the transpose): the -sin belongs at row i, column i + d/2"
     assert _close(R.float() @ x, want, 1e-4), \
         "R(m) @ x is not the lesson's RoPE of x at position m: row i mixes x[i] and x[i + d/2] (half-split pairs)"
     assert _close(R.float().T @ R.float(), torch.eye(d), 1e-4), "R(m) is not orthogonal: R^T R should be the identity"

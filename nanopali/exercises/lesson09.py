@@ -55,15 +55,26 @@ def _share_in_box(grid_map: torch.Tensor, box, width: int, height: int) -> float
     return (values * inside).sum().item() / values.sum().item()
 
 
+def _why_not(grid_map, box, width, height, got: float) -> str:
+    "What a wrong share most likely got wrong, for the check's message."
+    if abs(got - _share_in_box(grid_map, box, height, width)) < 1e-5:
+        return "width and height swapped: y is a fraction of the height, x of the width"
+    if abs(got - _share_in_box(grid_map, box, width, height) * grid_map.double().sum().item()) < 1e-5:
+        return "divide by the map's total"
+    return ("rows of the map are y (of the height), columns x (of the width); a cell counts when its centre is in "
+            "the box")
+
+
 @exercise("9.2")
 def check_share_in_box(share_in_box) -> str:
     generator = torch.Generator().manual_seed(0)
     cases = [(8, 640, 480), (8, 300, 451), (16, 224, 224), (4, 1000, 250)]
     for grid, width, height in cases:
         grid_map = torch.rand(grid, grid, generator=generator) ** 4  # uneven, like attention; does not sum to 1
-        whole = float(share_in_box(grid_map, (0, 0, height, width), width, height))
+        box = (0, 0, height, width)
+        whole = float(share_in_box(grid_map, box, width, height))
         assert abs(whole - 1) < 1e-5, (f"a box over the whole {width} x {height} image holds {whole:.4f} of the map, "
-                                       "expected 1: divide by the map's total")
+                                       f"expected 1: {_why_not(grid_map, box, width, height, whole)}")
         for _ in range(6):
             y = sorted((torch.rand(2, generator=generator) * height).tolist())
             x = sorted((torch.rand(2, generator=generator) * width).tolist())
@@ -71,6 +82,12 @@ def check_share_in_box(share_in_box) -> str:
             got, want = float(share_in_box(grid_map, box, width, height)), _share_in_box(grid_map, box, width, height)
             assert abs(got - want) < 1e-5, (
                 f"{grid} x {grid} map on a {width} x {height} image, box {tuple(round(v) for v in box)}: "
-                f"got {got:.4f}, expected {want:.4f}. Rows of the map are y (of the height), columns x (of the width); "
-                "a cell counts when its centre is in the box")
-    return f"{len(cases)} maps on images of four shapes, 6 random boxes each and the whole image"
+                f"got {got:.4f}, expected {want:.4f}: {_why_not(grid_map, box, width, height, got)}")
+    # an 8 x 8 map on 640 x 480: cell centres at y = 30, 90, ..., x = 40, 120, ...; this box's edges lie on them
+    grid_map, box = torch.rand(8, 8, generator=generator) ** 4, (90, 120, 270, 360)
+    got, want = float(share_in_box(grid_map, box, 640, 480)), _share_in_box(grid_map, box, 640, 480)
+    assert abs(got - want) < 1e-5, (
+        f"box {box} on a 640 x 480 image, its edges exactly on cell centres: got {got:.4f}, expected {want:.4f}: "
+        "a centre on the edge counts as inside (<= and >=, not < and >)")
+    return (f"{len(cases)} maps on images of four shapes, 6 random boxes each and the whole image, and a box whose "
+            "edges lie on cell centres")

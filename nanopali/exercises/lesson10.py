@@ -24,6 +24,9 @@ def check_int8_linear(int8_linear) -> str:
         assert got.dtype == torch.float32, f"a float32 input gave {got.dtype}: the output takes the input's type"
         size = expected.abs().max().item()
         error = (got.double() - expected).abs().max().item()
+        if bias_or_none is not None and error > 1e-5 * size:
+            missing = (got.double() + bias.double() - expected).abs().max().item()
+            assert missing > 1e-5 * size, "the difference is exactly the bias: add the bias to the outputs"
         assert error <= 1e-5 * size, (
             f"{'with' if bias_or_none is not None else 'without'} a bias, float32: largest difference from "
             f"x @ (q * scale[:, None]).T {error:.3g} (outputs up to {size:.3g}): the scale is one per output row "
@@ -70,8 +73,8 @@ def check_quantize_groups(quantize_groups) -> str:
             "one scale per group of consecutive weights in a row")
         assert q.dtype == torch.int8, f"q is {q.dtype}: keep the whole numbers in an int8 tensor"
         assert scale.dtype == torch.float32, f"scale is {scale.dtype}, expected float32"
-        assert q.abs().max() <= top, (f"bits={bits}: q reaches {int(q.abs().max())}, but the symmetric range "
-                                      f"is -{top} to {top}")
+        extreme = int(q.flatten()[q.abs().argmax()])  # the value furthest from zero, with its sign
+        assert abs(extreme) <= top, f"bits={bits}: q reaches {extreme}, but the symmetric range is -{top} to {top}"
         largest = q.view(64, groups, group_size).abs().amax(dim=-1)
         assert (largest == top).all(), (
             f"bits={bits}, group_size={group_size}: in {int((largest != top).sum())} of {64 * groups} groups the "
