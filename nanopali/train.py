@@ -390,7 +390,8 @@ def build(cfg: TrainConfig):
 
 def adamw(named_parameters, lr_of, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW with one group per (part, decays): lr_of(name) gives a parameter's part and rate; weight decay on
-    weight matrices only (norms, biases and embedding tables are exempt)."""
+    weight matrices only, except those whose name contains "embed" (the embedding tables and the vision tower's
+    patch convolution)."""
     groups = {}
     for name, p in named_parameters:
         part, lr = lr_of(name)

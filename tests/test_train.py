@@ -304,24 +304,33 @@ def test_check_wsd_factor_refuses_a_zero_first_step_and_a_decay_past_the_end(cap
     assert check_wsd_factor(_wsd())
 
 
-def _unclamped_iou(a, b):
-    h, w = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
-    return h * w / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - h * w)
-
-
-def _detection_score(box_iou, check_name=True):
-    def detection_score(answer, suffix, image_size):
+def _match_detections(one_to_one=True, check_name=True):
+    def match_detections(answer, suffix, image_size):
         predicted, wanted = parse_detections(answer, image_size), parse_detections(suffix, image_size)
-        return sum(any((n == name or not check_name) and box_iou(b, box) > 0.5 for n, b in predicted)
-                   for name, box in wanted), len(wanted)
-    return detection_score
+        pairs = sorted(((iou(b, t), i, j) for i, (n, b) in enumerate(predicted) for j, (name, t) in enumerate(wanted)
+                        if n == name or not check_name), reverse=True)
+        boxes, objects = set(), set()
+        for overlap, i, j in pairs:
+            if overlap > 0.5 and (not one_to_one or (i not in boxes and j not in objects)):
+                boxes.add(i)
+                objects.add(j)
+        return (len(boxes) / len(predicted) if predicted else 0.0), len(objects) / len(wanted)
+    return match_detections
 
 
-def test_check_detection_score_refuses_unclamped_overlaps_and_ignored_names(capsys):
-    from nanopali.exercises.lesson08 import check_detection_score
+def _any_box(answer, suffix, image_size):  # lesson 08's score: extra boxes cost nothing
+    predicted, wanted = parse_detections(answer, image_size), parse_detections(suffix, image_size)
+    found = sum(any(n == name and iou(b, t) > 0.5 for n, b in predicted) for name, t in wanted)
+    return (1.0 if predicted else 0.0), found / len(wanted)
 
-    assert not check_detection_score(_unclamped_iou, _detection_score(iou))
-    assert "expected 0.0000" in capsys.readouterr().out
-    assert not check_detection_score(iou, _detection_score(iou, check_name=False))
+
+def test_check_match_detections_refuses_matching_that_is_not_one_to_one(capsys):
+    from nanopali.exercises.lesson08 import check_match_detections
+
+    assert not check_match_detections(_any_box)
+    assert "boxed twice" in capsys.readouterr().out
+    assert not check_match_detections(_match_detections(one_to_one=False))
+    assert "boxed twice" in capsys.readouterr().out
+    assert not check_match_detections(_match_detections(check_name=False))
     assert "names swapped" in capsys.readouterr().out
-    assert check_detection_score(iou, _detection_score(iou))
+    assert check_match_detections(_match_detections())

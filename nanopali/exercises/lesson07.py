@@ -63,7 +63,8 @@ def check_canonical(canonical) -> str:
             assert got == expected, f"{layout}: canonical({theirs!r}) gave {got!r}, expected {expected!r}"
     assert canonical("language_model.lm_head.weight") == "lm_head.weight", (
         "canonical('language_model.lm_head.weight') should be 'lm_head.weight': it is the tied head, under Gemma")
-    return f"the tensor names of paligemma-3b-pt-224 ({len(_names_3b())} with two layers a stack) in four layouts"
+    return (f"the tensor names of paligemma-3b-pt-224 ({len(_names_3b())} names, each stack cut to two layers) "
+            "in four layouts")
 
 
 def _tiny_checkpoint(seed: int = 0) -> tuple[PaliGemmaConfig, dict[str, torch.Tensor]]:

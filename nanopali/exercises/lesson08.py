@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanopali.train import loc_tokens, score, suffix_loss
+from nanopali.train import loc_tokens, suffix_loss
 
 from . import exercise
 
@@ -93,31 +93,34 @@ def check_wsd_factor(wsd_factor) -> str:
 
 
 @exercise("8.3")
-def check_detection_score(box_iou, detection_score) -> str:
-    cases = [((0, 0, 10, 10), (0, 0, 10, 10), 1.0, "identical boxes"),
-             ((0, 0, 10, 10), (5, 5, 15, 15), 25 / 175, "boxes overlapping on a corner"),
-             ((0, 0, 10, 20), (2, 4, 6, 8), 16 / 200, "a box inside another"),
-             ((0, 0, 10, 10), (0, 10, 10, 20), 0.0, "boxes that only touch"),
-             ((0, 0, 10, 10), (20, 0, 30, 10), 0.0, "boxes apart vertically"),
-             ((0, 0, 10, 10), (20, 20, 30, 30), 0.0, "boxes apart in both directions")]
-    for a, b, value, what in cases:
-        for x, y in ((a, b), (b, a)):
-            got = float(box_iou(x, y))
-            hint = (": two negative overlaps multiply to a positive area; clamp each at 0"
-                    if what.endswith("both directions") else "")
-            assert math.isclose(got, value, abs_tol=1e-9), \
-                f"box_iou{(x, y)} = {got:.4f}, expected {value:.4f} ({what}){hint}"
-    truth = {"circle": (20, 30, 60, 70), "star": (70, 10, 100, 40)}
-    suffix = f"{loc_tokens(truth['circle'], 112)} circle ; {loc_tokens(truth['star'], 112)} star"
-    circle, star = loc_tokens((22, 31, 62, 69), 112), loc_tokens((71, 12, 99, 41), 112)  # IoU 0.86 and 0.87
-    far_star = loc_tokens((70, 30, 100, 60), 112)  # IoU 0.2 with the true star
-    answers = {"both boxes right": f"{circle} circle ; {star} star",
-               "the star's box too far off": f"{circle} circle ; {far_star} star",
-               "the boxes' names swapped": f"{circle} star ; {star} circle",
-               "the star missing": f"{circle} circle",
-               "an answer with no boxes": "circle ; star"}
-    for what, answer in answers.items():
-        expected = score("detect", answer, suffix, 112)
-        got = tuple(int(v) for v in detection_score(answer, suffix, 112))
-        assert got == expected, f"{what}: (found, asked) = {got}, expected {expected}"
-    return "box_iou on 6 pairs of boxes (both orders), detection_score on 5 answers to 'detect circle ; star'"
+def check_match_detections(match_detections) -> str:
+    def boxes(*objects):  # (name, box in pixels) -> the answer's text
+        return " ; ".join(f"{loc_tokens(box, 112)} {name}" for name, box in objects)
+
+    truth = boxes(("circle", (20, 30, 60, 70)), ("star", (70, 10, 100, 40)))
+    circle, star = ("circle", (22, 31, 62, 69)), ("star", (71, 12, 99, 41))  # IoU 0.86 and 0.84 with the truth
+    circle_again, square = ("circle", (19, 29, 59, 71)), ("square", (5, 80, 25, 105))  # IoU 0.91; not there
+    two_circles = boxes(("circle", (20, 20, 60, 60)), ("circle", (30, 30, 70, 70)))  # overlapping, IoU 0.39
+    between = ("circle", (25, 25, 65, 65))  # IoU 0.62 with each of the two circles
+    cases = [("both boxes right", boxes(circle, star), truth, (1, 1), ""),
+             ("the circle boxed twice", boxes(circle, circle_again, star), truth, (2 / 3, 1),
+              ": a true object is found by one box at most; the second box on it is a false positive"),
+             ("an extra box of a square that is not there", boxes(circle, star, square), truth, (2 / 3, 1),
+              ": precision is the share of the answer's boxes that are matched"),
+             ("the star missing", boxes(circle), truth, (1, 1 / 2),
+              ": recall is the share of the true objects that are matched"),
+             ("the boxes' names swapped", boxes(("star", circle[1]), ("circle", star[1])), truth, (0, 0),
+              ": a box and an object match only when they have the same name"),
+             ("an answer with no boxes", "circle ; star", truth, (0, 0),
+              ": with no boxes, precision is 0 (and there is nothing to divide by)"),
+             ("one box between two overlapping circles", boxes(between), two_circles, (1, 1 / 2),
+              ": once a box is matched to one circle it is taken, and cannot count for the other")]
+    for what, answer, suffix, expected, hint in cases:
+        result = match_detections(answer, suffix, 112)
+        assert len(result) == 2, f"return (precision, recall), got {result!r}"
+        got = tuple(float(v) for v in result)
+        assert all(math.isclose(g, e, abs_tol=1e-9) for g, e in zip(got, expected)), \
+            (f"{what}: (precision, recall) = ({got[0]:.3f}, {got[1]:.3f}), expected ({expected[0]:.3f}, "
+             f"{expected[1]:.3f}){hint}")
+    return ("precision and recall of 7 answers, among them a circle boxed twice, an extra box and one box between "
+            "two circles")
