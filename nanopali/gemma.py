@@ -4,6 +4,9 @@
 """Stack the decoder layers into Gemma, then make it write: prefill, a KV cache, one token at a time, and sampling."""
 
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,16 +115,44 @@ class KVCache:
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
-def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None):
-    "Refuse settings that would silently do something else."
+def whole_number(value, name: str) -> int:
+    "value as an int, if it is a whole number (Python's or numpy's, not a bool): else one line naming the setting."
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def real_number(value, name: str) -> float:
+    "value as a float, if it is a real number (not a bool, not NaN): else one line naming the setting."
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+MIN_TEMPERATURE = 1e-3  # below it sampling picks the top token anyway, and tiny values overflow the division
+
+
+def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None, seed=None):
+    """Refuse settings that would silently do something else, or fail deep inside torch. Returns them as plain
+    Python numbers (numpy's are accepted): (temperature, top_k, top_p, seed)."""
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
     if not do_sample:
-        return
-    if not temperature > 0:  # also refuses NaN
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature} (for greedy use do_sample=False)")
-    if top_k is not None and top_k < 1:
+        return temperature, top_k, top_p, seed
+    temperature = real_number(temperature, "temperature")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature:g} (for greedy use do_sample=False)")
+    if not MIN_TEMPERATURE <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and at least {MIN_TEMPERATURE} when sampling, got "
+                         f"{temperature:g}: lower ones pick the top token anyway (for that, greedy: do_sample=False)")
+    if top_k is not None and whole_number(top_k, "top_k") < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_p is not None and not 0 < real_number(top_p, "top_p") <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None and not -(2**63) <= whole_number(seed, "seed") < 2**64:
+        raise ValueError(f"seed must be between -2**63 and 2**64 - 1 (torch's generators take 64 bits), got {seed}")
+    return (temperature, None if top_k is None else int(top_k), None if top_p is None else float(top_p),
+            None if seed is None else int(seed))
 
 
 def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature: float = 1.0,
@@ -131,7 +162,7 @@ def sample_next_token(logits: torch.Tensor, do_sample: bool = False, temperature
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (batch, vocab), got {tuple(logits.shape)}: for the model's "
                          "(B, L, vocab) output pass logits[:, -1]")
-    check_sampling(do_sample, temperature, top_k, top_p)
+    temperature, top_k, top_p, _ = check_sampling(do_sample, temperature, top_k, top_p)
     if not do_sample:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
@@ -203,7 +234,7 @@ def check_generation(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, atten
     if attention_mask is not None and not attention_mask[:, -1].all():
         raise ValueError("the prompts must be padded on the left: each row's last token is where its answer starts "
                          "(use padding_side='left')")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if whole_number(max_new_tokens, "max_new_tokens") < 1:
         raise ValueError(f"max_new_tokens must be a whole number, at least 1, got {max_new_tokens!r}")
     if L + max_new_tokens > model.config.max_position_embeddings:
         raise ValueError(f"the prompt has {L} tokens and {max_new_tokens} new ones were asked for, but the model's "
@@ -221,7 +252,8 @@ def generate_tokens(model: GemmaForCausalLM, inputs_embeds: torch.Tensor, attent
     return_attention: return (ids, rows) instead, rows[j] (B, layers, heads, L + j) float32 being the attention of
     the position whose logits chose new token j. The arguments are checked first; then generation_loop runs."""
     check_generation(model, inputs_embeds, attention_mask, max_new_tokens)
-    check_sampling(do_sample, temperature, top_k, top_p)
+    max_new_tokens = int(max_new_tokens)
+    temperature, top_k, top_p, seed = check_sampling(do_sample, temperature, top_k, top_p, seed)
     generator = None
     if do_sample and seed is not None:
         generator = torch.Generator(device=inputs_embeds.device).manual_seed(seed)

@@ -4,6 +4,7 @@ Logits equal to 1e-5 in float32 (multi-query and grouped-query, with left paddin
 greedy generation token for token equal to its generate(), cached decoding equal to
 full recomputation, and the sampling rules."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,9 +189,19 @@ def test_top_k_keeps_only_the_k_best():
 
 @pytest.mark.parametrize("settings, message", [
     ({"max_new_tokens": 0}, "max_new_tokens must be a whole number, at least 1"),
-    ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number, at least 1"),
-    ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0"),
-    ({"do_sample": True, "temperature": -1.0}, "temperature must be > 0"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number, got 2.5"),
+    ({"max_new_tokens": True}, "max_new_tokens must be a whole number, got True"),
+    ({"do_sample": True, "temperature": 0.0}, "temperature must be > 0 when sampling, got 0"),
+    ({"do_sample": True, "temperature": -1.0}, "temperature must be > 0 when sampling, got -1"),
+    ({"do_sample": True, "temperature": 1e-300}, "must be finite and at least 0.001 when sampling, got 1e-300"),
+    ({"do_sample": True, "temperature": float("inf")}, "must be finite and at least 0.001 when sampling, got inf"),
+    ({"do_sample": True, "temperature": float("nan")}, "temperature must be a number, got nan"),
+    ({"do_sample": True, "temperature": "0.7"}, "temperature must be a number, got '0.7'"),
+    ({"do_sample": "yes"}, "do_sample must be True or False"),
+    ({"do_sample": True, "top_p": float("nan")}, "top_p must be a number, got nan"),
+    ({"do_sample": True, "top_k": 2.5}, "top_k must be a whole number, got 2.5"),
+    ({"do_sample": True, "seed": 2**64}, r"seed must be between -2\*\*63 and 2\*\*64 - 1"),
+    ({"do_sample": True, "seed": 1.5}, "seed must be a whole number, got 1.5"),
     ({"do_sample": True, "top_p": 0.0}, r"top_p must be in \(0, 1\]"),
     ({"do_sample": True, "top_p": 1.2}, r"top_p must be in \(0, 1\]"),
     ({"do_sample": True, "top_k": 0}, "top_k must be at least 1"),
@@ -201,6 +212,27 @@ def test_bad_settings_are_refused(settings, message):
     input_ids, attention_mask = padded_prompts()
     with pytest.raises(ValueError, match=message):
         generate_tokens(ours, ours.model.embed(input_ids), attention_mask, **settings)
+
+
+def test_numpy_numbers_are_accepted_as_settings():
+    "A count or a seed that came out of numpy is still a whole number: the same tokens as with Python's numbers."
+    ours, _ = twin(CONFIGS["multi-query"])
+    input_ids, attention_mask = padded_prompts()
+    embeds = ours.model.embed(input_ids)
+    plain = generate_tokens(ours, embeds, attention_mask, max_new_tokens=4, do_sample=True, temperature=0.8,
+                            top_k=5, top_p=0.9, seed=7)
+    numpy = generate_tokens(ours, embeds, attention_mask, max_new_tokens=np.int64(4), do_sample=True,
+                            temperature=np.float32(0.8), top_k=np.int64(5), top_p=np.float64(0.9), seed=np.uint64(7))
+    assert torch.equal(plain, numpy)
+
+
+def test_extreme_but_valid_settings_sample_without_error():
+    ours, _ = twin(CONFIGS["multi-query"])
+    input_ids, attention_mask = padded_prompts()
+    embeds = ours.model.embed(input_ids)
+    for settings in ({"temperature": 1e-3}, {"temperature": 1e6}, {"seed": 2**64 - 1}, {"seed": -(2**63)}):
+        tokens = generate_tokens(ours, embeds, attention_mask, max_new_tokens=3, do_sample=True, **settings)
+        assert tokens.shape[0] == 2 and 1 <= tokens.shape[1] <= 3
 
 
 def test_prompt_longer_than_the_context_is_refused():
@@ -243,7 +275,7 @@ def test_right_padded_prompts_and_empty_prompts_are_refused():
 
 
 def test_sampling_refuses_nan_temperature_and_wrong_logit_shapes():
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a number, got nan"):
         sample_next_token(torch.zeros(1, 5), True, temperature=float("nan"))
     with pytest.raises(ValueError, match=r"logits must have shape \(batch, vocab\), got \(2, 1, 5\)"):
         sample_next_token(torch.zeros(2, 1, 5))
