@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--boxes", type=Path, metavar="OUT.png",
                         help="for a 'detect ...' prompt: write the image with the boxes found (overwritten by each "
                              "answer in the loop)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="let --attention-map and --boxes replace files that already exist (without it they are "
+                             "refused before anything runs; the input image is never replaced)")
     return parser
 
 
@@ -81,7 +84,7 @@ class UserError(Exception):
 
 
 def check_arguments(args) -> None:
-    "Everything that can be checked before loading the model."
+    "Everything that can be checked before loading the model: nothing is loaded, read or written before this passes."
     if args.weights.is_file():
         raise UserError(f"--weights {str(args.weights)!r} is a file: give the folder that holds config.json and the "
                         "model's safetensors files")
@@ -92,19 +95,93 @@ def check_arguments(args) -> None:
         raise UserError(f"{args.weights} has no config.json: it is not a PaliGemma checkpoint folder")
     if args.prompt is not None and not args.prompt.strip():
         raise UserError("the prompt is empty: give a question or a task, e.g. --prompt 'caption en'")
+    if args.prompt is not None and not is_utf8(args.prompt):
+        raise UserError("--prompt is not valid UTF-8 text: type it again, or set your terminal to UTF-8")
+    if args.prompt is None and (sys.stdin is None or sys.stdin.closed):
+        raise UserError("no --prompt, and no input to read questions from (stdin is closed): give --prompt TEXT")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    context = context_length(args.weights)
+    if args.max_new_tokens >= context:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {context} tokens "
+                        "with the prompt: ask for fewer")
     unused = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                        ("--top-p", args.top_p), ("--seed", args.seed)) if value is not None]
     if unused and not args.sample:
         raise UserError(f"{', '.join(unused)} only apply when sampling: add --sample (without it the answer is greedy)")
-    for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes)):
-        if path is None:
-            continue
+    check_sampling_flags(args)
+    check_outputs(args)
+
+
+def is_utf8(text: str) -> bool:
+    "False for text holding bytes that were not UTF-8 (Python keeps them as lone surrogates)."
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def context_length(folder: Path) -> int:
+    "The model's context in tokens, from config.json (Gemma's 8192 when it does not say); load checks the rest."
+    from .bridge import read_json
+
+    text = read_json(folder / "config.json").get("text_config", {})
+    value = text.get("max_position_embeddings", 8192) if isinstance(text, dict) else 8192
+    return value if isinstance(value, int) and value > 0 else 8192
+
+
+def check_sampling_flags(args) -> None:
+    "The sampling settings, checked by the same function generate uses, with the flags' names in the message."
+    from .gemma import check_sampling
+
+    temperature = 1.0 if args.temperature is None else args.temperature
+    try:
+        check_sampling(args.sample, temperature, args.top_k, args.top_p, args.seed)
+    except ValueError as e:
+        name, rest = str(e).split(" ", 1)
+        rest = rest.replace("do_sample=False", "leave out --sample")
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def check_outputs(args) -> None:
+    """The pictures to write: a .png or .jpg in an existing folder, never the input image nor each other, and not an
+    existing file unless --overwrite says so."""
+    outputs = [(flag, path) for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes))
+               if path is not None]
+    for flag, path in outputs:
         if path.suffix.lower() not in PICTURE_TYPES:
             raise UserError(f"{flag} {str(path)!r}: give a file name ending in .png or .jpg")
         if not path.resolve().parent.is_dir():
             raise UserError(f"{flag} {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+        if same_file(path, args.image):
+            raise UserError(f"{flag} {str(path)!r} is the input image: writing the picture would destroy it. Give "
+                            "another file name")
+        if path.is_dir():
+            raise UserError(f"{flag} {str(path)!r} is a folder: give a file name ending in .png or .jpg")
+        if path.exists() and not args.overwrite:
+            raise UserError(f"{flag} {str(path)!r} already exists: add --overwrite to replace it, or give another "
+                            "file name")
+    if len(outputs) == 2 and same_file(outputs[0][1], outputs[1][1]):
+        raise UserError("--attention-map and --boxes name the same file: give each its own")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    "Whether two paths name the same file (through links and ../ too), whether or not it exists yet."
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def write_picture(path: Path, write) -> None:
+    "write(to) writes the picture to a temporary file next to path, which then replaces path in one step."
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def as_prompt(text: str) -> str:
@@ -135,7 +212,7 @@ def ask(model, processor, image, prompt: str, args) -> None:
         print(f"  (stopped at --max-new-tokens {args.max_new_tokens}: the answer may be cut off)")
     if args.attention_map is not None:
         layers, heads = answer.image_attention.shape[1:3]
-        draw_attention(image, answer, path=args.attention_map)
+        write_picture(args.attention_map, lambda to: draw_attention(image, answer, path=to))
         print(f"  attention map ({layers} layers x {heads} heads, averaged): {args.attention_map}")
     if args.boxes is not None and not LOC_PATTERN.search(text):
         hint = "" if prompt.startswith("detect ") else ": ask 'detect THING' to get some"
@@ -145,7 +222,7 @@ def ask(model, processor, image, prompt: str, args) -> None:
         for problem in problems:
             print(f"  could not read a box: {problem}")
         if detections:
-            draw_boxes(image, detections).save(args.boxes)
+            write_picture(args.boxes, draw_boxes(image, detections).save)
             print(f"  {len(detections)} box(es) drawn: {args.boxes}")
         else:
             print(f"  no box could be read, nothing written to {args.boxes}")
@@ -185,6 +262,8 @@ def run(args) -> None:
         ask(model, processor, image, as_prompt(args.prompt), args)
         return
     print("Ask about the image: 'caption en', 'detect THING', or any question. An empty line or Ctrl-D ends.")
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 get a message, instead of ending the loop
+        sys.stdin.reconfigure(errors="surrogateescape")
     for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes)):
         if path is not None:
             print(f"({flag}: each answer overwrites {path})")
@@ -196,6 +275,9 @@ def run(args) -> None:
             return
         if not line.strip():
             return
+        if not is_utf8(line):
+            print("nanopali: error: that line is not valid UTF-8 text: type it again", file=sys.stderr)
+            continue
         try:
             ask(model, processor, image, as_prompt(line), args)
         except ValueError as e:  # e.g. a prompt too long for the model: say so and go on
@@ -203,12 +285,10 @@ def run(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .patches import ImageFileError
-
-    try:
+    try:  # everything, imports included: Ctrl-C at any moment gets one line
+        args = build_parser().parse_args(argv)
         run(args)
-    except (UserError, FileNotFoundError, ImageFileError, ValueError, OSError) as e:
+    except (UserError, ValueError, OSError) as e:  # FileNotFoundError, lesson 01's ImageFileError, ...
         print(f"nanopali: error: {e}", file=sys.stderr)
         return 1
     except MemoryError:
@@ -232,4 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # in the instant before main's own handler is in place
+        print("\nnanopali: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -171,7 +171,8 @@ def test_help_documents_every_flag(capsys):
     assert stopped.value.code == 0
     text = capsys.readouterr().out
     for flag in ["--weights", "--image", "--prompt", "--max-new-tokens", "--sample", "--temperature", "--top-k",
-                 "--int8", "--top-p", "--seed", "--device", "--dtype", "--attention-map", "--boxes", "Ask anything",
+                 "--int8", "--top-p", "--seed", "--device", "--dtype", "--attention-map", "--boxes", "--overwrite",
+                 "Ask anything",
                  "detect star ; circle", "answer en"]:
         assert flag in text, flag
 
@@ -189,3 +190,123 @@ def test_help_documents_every_flag(capsys):
 ])
 def test_plain_questions_become_answer_prompts(typed, prompt):
     assert as_prompt(typed) == prompt
+
+
+# Issue 15: nothing the user owns is overwritten, and every mistake is one true line, before the model loads.
+
+def digest(path) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def refuse_to_load(monkeypatch):
+    "Any test using this proves its refusal came before the model was loaded."
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+    monkeypatch.setattr("nanopali.paligemma.load", load)
+
+
+@pytest.mark.parametrize("flag", ["--attention-map", "--boxes"])
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_an_output_that_is_the_input_image_is_refused(flag, overwrite, tmp_path, capsys, monkeypatch):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes((REPO / "images" / "scene.png").read_bytes())
+    before = digest(photo)
+    refuse_to_load(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--image", str(photo), "--prompt", "detect star", flag, "../" + tmp_path.name + "/photo.png",
+                 *overwrite]) == 1
+    line = one_line_error(capsys)
+    assert "is the input image: writing the picture would destroy it" in line
+    assert digest(photo) == before
+
+
+@pytest.mark.parametrize("flag", ["--attention-map", "--boxes"])
+def test_an_existing_picture_is_kept_unless_overwrite_is_given(flag, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"the user's own picture")
+    argv = ["--image", SCENE, "--prompt", "detect star ; circle", flag, str(out), "--dtype", "float32"]
+    with monkeypatch.context() as patched:
+        refuse_to_load(patched)
+        assert main(argv) == 1
+    assert f"{flag} '{out}' already exists: add --overwrite to replace it" in one_line_error(capsys)
+    assert out.read_bytes() == b"the user's own picture"
+    assert main([*argv, "--overwrite"]) == 0
+    assert_png(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.png"]  # no partial file left beside it
+    assert out.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--attention-map", "same.png", "--boxes", "./same.png"], "--attention-map and --boxes name the same file"),
+    (["--boxes", "a_folder.png"], "--boxes 'a_folder.png' is a folder"),
+    (["--prompt", "caption \udcff"], "--prompt is not valid UTF-8 text"),
+    (["--prompt", "x", "--sample", "--temperature", "1e-300"],
+     "--temperature must be finite and at least 0.001 when sampling, got 1e-300"),
+    (["--prompt", "x", "--sample", "--temperature", "inf"], "--temperature must be finite"),
+    (["--prompt", "x", "--sample", "--temperature", "nan"], "--temperature must be a number, got nan"),
+    (["--prompt", "x", "--sample", "--top-p", "nan"], "--top-p must be a number, got nan"),
+    (["--prompt", "x", "--sample", "--top-k", "0"], "--top-k must be at least 1, got 0"),
+    (["--prompt", "x", "--sample", "--seed", str(2**70)], "--seed must be between -2**63 and 2**64 - 1"),
+    (["--prompt", "x", "--max-new-tokens", "100000"], "does not fit the model's context of 512 tokens"),
+])
+def test_mistakes_are_refused_before_the_model_loads(argv, says, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_folder.png").mkdir()
+    monkeypatch.chdir(tmp_path)
+    refuse_to_load(monkeypatch)
+    assert main(["--image", SCENE, *argv]) == 1
+    line = one_line_error(capsys)
+    assert line.startswith("nanopali: error: ") and says in line and "internal error" not in line
+    assert "do_sample" not in line  # the command line's words, not the API's
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_folder.png"]
+
+
+def test_a_closed_stdin_without_a_prompt_is_one_line():
+    result = subprocess.run(["bash", "-c", f'"{sys.executable}" -m nanopali --image images/scene.png <&-'], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr == ("nanopali: error: no --prompt, and no input to read questions from (stdin is closed): "
+                             "give --prompt TEXT\n")
+
+
+def test_a_line_that_is_not_utf8_is_refused_and_the_loop_goes_on():
+    result = subprocess.run([sys.executable, "-m", "nanopali", "--image", "images/scene.png"], cwd=REPO,
+                            input=b"caption \xff\nhow many shapes are there?\n", capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode() == "nanopali: error: that line is not valid UTF-8 text: type it again\n"
+    assert "Ask anything: Ask anything: 3\n" in result.stdout.decode()
+
+
+def test_a_prompt_that_is_not_utf8_as_a_real_process():
+    result = subprocess.run([sys.executable.encode(), b"-m", b"nanopali", b"--image", b"images/scene.png",
+                             b"--prompt", b"caption \xff"], cwd=REPO, capture_output=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.decode() == ("nanopali: error: --prompt is not valid UTF-8 text: type it again, or set your "
+                                      "terminal to UTF-8\n")
+
+
+@pytest.mark.parametrize("after", [0.3, 1.0, 2.5])
+def test_ctrl_c_at_any_moment_is_one_line(after):
+    "While torch is imported, the model loads or the answer is written: the same one line and exit status 130."
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "nanopali", "--image", "images/scene.png", "--prompt",
+                                "caption en", "--max-new-tokens", "400"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    if process.returncode == 0:  # it had already finished: nothing to interrupt (a very fast machine)
+        pytest.skip("the run ended before the signal")
+    assert process.returncode == 130, err
+    assert err.strip() == "nanopali: interrupted"
