@@ -148,6 +148,14 @@ def prefix_lm_mask(token_type_ids: torch.Tensor, attention_mask: torch.Tensor, n
     return ((causal[None] | prefix_key) & real_key) | itself[None]  # (B, Q, L)
 
 
+def check_texts(texts: list, name: str, advice: str) -> None:
+    "Refuse, naming its row, anything in texts that is not a string: a None would silently become no text at all."
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            got = "None" if text is None else f"a {type(text).__name__}"
+            raise TypeError(f"{name}[{i}] is {got}, not a string: {advice}")
+
+
 class PaliGemmaProcessor(PaliGemmaProcessorCore):
     """Turns images and prompts (and, for training, suffixes) into the model's inputs, as PaliGemma expects them:
     PaliGemmaProcessorCore, plus checks that refuse bad input with a clear message, and from_folder."""
@@ -171,20 +179,22 @@ class PaliGemmaProcessor(PaliGemmaProcessorCore):
     def __call__(self, images, prompts, suffixes=None, padding_side: str | None = None) -> dict:
         """A batch: one image per prompt. Returns input_ids, attention_mask, token_type_ids (B, L) and
         pixel_values (B, 3, H, W); labels (B, L) too when suffixes are given. Pads to the longest example."""
-        if isinstance(images, (set, dict)) or isinstance(prompts, (set, dict)):
-            raise TypeError("give images and prompts as lists: a set has no order, so they could not be paired")
-        images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if any(isinstance(x, (set, dict)) for x in (images, prompts, suffixes)):
+            raise TypeError("give images, prompts and suffixes as lists: a set has no order, so they could not be "
+                            "paired")
+        images = [images] if isinstance(images, (str, Path, Image.Image)) else [] if images is None else list(images)
+        prompts = [prompts] if isinstance(prompts, str) else [] if prompts is None else list(prompts)
         if not prompts:
             raise ValueError("no prompts given: pass one image and one prompt (e.g. 'caption en') per example")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be strings, got {[type(p).__name__ for p in prompts]}")
+        check_texts(prompts, "prompts", "give one prompt per image, e.g. 'caption en'")
         if len(images) != len(prompts):
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts: give exactly one image per prompt")
         if suffixes is not None:
             suffixes = [suffixes] if isinstance(suffixes, str) else list(suffixes)
             if len(suffixes) != len(prompts):
                 raise ValueError(f"got {len(suffixes)} suffixes for {len(prompts)} prompts: give one per prompt")
+            check_texts(suffixes, "suffixes", "give every example its answer (the text the model learns), or "
+                        "suffixes=None to encode the prompts alone")
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")

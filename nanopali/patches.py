@@ -4,6 +4,7 @@
 """From an image file to the patch embeddings that start PaliGemma's vision encoder."""
 
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,30 +15,69 @@ from torch import nn
 
 
 class ImageFileError(ValueError):
-    "A file that exists but cannot be used as an image (not an image, or damaged)."
+    "A file that exists but cannot be used as an image (not an image, unreadable, damaged, or too large)."
 
 
 def load_image(path: str | Path) -> Image.Image:
-    "Open an image file, decode it fully (a bad file fails here with a clear message) and turn it upright."
+    "Open an image file, decode it fully (a bad file fails here with a clear message), turn it upright, 8 bits."
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file. Check the path (images/ has photos to try).")
-    if not path.is_file():
+    if path.is_dir():
         raise ImageFileError(f"{path}: is a folder, not an image file.")
+    if not path.is_file():  # checked before opening it: reading a named pipe can wait forever
+        kind = "a named pipe (FIFO)" if path.is_fifo() else "a socket" if path.is_socket() else "a device"
+        raise ImageFileError(f"{path}: is {kind}, not a regular file. Save the image to a file and give that.")
     try:
         image = Image.open(path)
         image.load()  # decode now: a truncated file fails here, not later
     except UnidentifiedImageError:
         msg = "not an image file Pillow can read. Give a photo such as a .jpg or .png."
         raise ImageFileError(f"{path}: {msg}") from None
-    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises on a cut-off or corrupt file
-        msg = f"the image file is truncated or damaged ({e}). Save or download it again."
+    except Image.DecompressionBombError as e:  # Pillow opens at most 2 x Image.MAX_IMAGE_PIXELS pixels
+        pixels = re.match(r"\D*(\d+)", str(e))  # Pillow's message: "Image size (N pixels) exceeds limit ..."
+        count = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        msg = (f"the image has {count}, more than the {2 * Image.MAX_IMAGE_PIXELS:,} Pillow opens (a guard against "
+               "decompression bombs). Resize it (the model sees at most 896 x 896); or, for a file you trust, "
+               "raise PIL.Image.MAX_IMAGE_PIXELS in Python.")
         raise ImageFileError(f"{path}: {msg}") from None
-    return ImageOps.exif_transpose(image)  # as the camera meant it; the same image when there is no tag
+    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises on a cut-off or corrupt file
+        if getattr(e, "errno", None) is not None:  # an error of the system, not Pillow's: permission denied, ...
+            msg = f"the file cannot be read ({e.strerror}). Check that you may read it (ls -l shows its permissions)."
+        else:
+            msg = f"the image file is truncated or damaged ({e}). Save or download it again."
+        raise ImageFileError(f"{path}: {msg}") from None
+    upright = ImageOps.exif_transpose(image)  # as the camera meant it; the same image when there is no tag
+    try:
+        return to_8bit(upright, image.format)  # the upright copy no longer knows its file format: pass it on
+    except ValueError as e:
+        raise ImageFileError(f"{path}: {e}") from None
+
+
+def to_8bit(image: Image.Image, file_format: str | None = None) -> Image.Image:
+    """A 16-bit grayscale image (mode I;16, I;16B or I;16L, or I read from a PNG) scaled to 8 bits: mode L, or LA
+    when the file marks one value transparent. Images of 8 bits per channel come back unchanged."""
+    mode, file_format = image.mode, file_format or image.format
+    if mode == "F":
+        raise ValueError("the image's pixels are 32-bit floats (mode 'F'), which have no fixed range: scale them "
+                         "to 0..255 yourself, e.g. for values in [0, 1] Image.fromarray((np.clip(np.asarray(image), "
+                         "0, 1) * 255).round().astype('uint8'))")
+    if mode == "I" and file_format != "PNG":  # a PNG holds at most 16 bits; an "I" image from elsewhere, up to 32
+        raise ValueError("the image's pixels are 32-bit integers (mode 'I') of unknown range: for 16-bit values "
+                         "give image.convert('I;16'); otherwise scale them to 0..255 yourself (an 8-bit image)")
+    if not mode.startswith("I"):
+        return image
+    values = np.asarray(image, dtype=np.int64)  # (H, W), 0..65535
+    gray = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # round(value / 257): 65535 -> 255
+    if isinstance(image.info.get("transparency"), int):  # the one value a PNG may mark as transparent
+        alpha = np.where(values == image.info["transparency"], 0, 255).astype(np.uint8)
+        return Image.merge("LA", (gray, Image.fromarray(alpha)))
+    return gray
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    "Convert any PIL image to RGB; transparent pixels are composited over white."
+    "Convert any PIL image to RGB; 16-bit images are scaled to 8 bits, transparent pixels composited over white."
+    image = to_8bit(image)  # Pillow's convert would clip 16-bit values at 255: a white image
     if image.mode == "RGB":
         return image
     if "A" in image.getbands() or "transparency" in image.info:
@@ -65,6 +105,8 @@ def preprocess_image(
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected a file path or a PIL image, got {type(image).__name__}. "
                         "For a numpy array use PIL.Image.fromarray(array) first.")
+    if image.width == 0 or image.height == 0:  # resize would make a black square of it, and the model answer
+        raise ValueError(f"the image has no pixels ({image.width} x {image.height}): give one at least 1 x 1 pixel")
     height, width = (size, size) if isinstance(size, int) else size
     resized = to_rgb(image).resize((width, height), resample=resample)  # PIL takes (width, height)
     x = np.asarray(resized, dtype=np.float32) * np.float32(rescale_factor)  # (H, W, 3) in [0, 1]

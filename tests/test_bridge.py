@@ -240,6 +240,40 @@ def test_image_and_prompt_counts_must_match(folder):
         processor(photos(2), PROMPTS, suffixes=["red"])
 
 
+@pytest.mark.parametrize("suffixes, row, got", [(["a cat", None], 1, "None"), ([None, "red"], 0, "None"),
+                                                 (["a cat", 3], 1, "a int")])
+def test_a_suffix_that_is_not_a_string_is_refused_naming_its_row(folder, suffixes, row, got):
+    "A None suffix would give its row no labels at all: the batch would silently train on nothing there."
+    processor = PaliGemmaProcessor.from_folder(folder)
+    with pytest.raises(TypeError, match=rf"suffixes\[{row}\] is {got}, not a string: give every example its answer"):
+        processor(photos(2), PROMPTS, suffixes=suffixes)
+
+
+def test_a_prompt_that_is_not_a_string_is_refused_naming_its_row(folder):
+    processor = PaliGemmaProcessor.from_folder(folder)
+    with pytest.raises(TypeError, match=r"prompts\[1\] is None, not a string: give one prompt per image"):
+        processor(photos(2), ["caption en", None])
+    with pytest.raises(ValueError, match="no prompts given"):
+        processor(photos(1), None)
+    with pytest.raises(ValueError, match="got 0 images for 1 prompts"):
+        processor(None, "caption en")
+    with pytest.raises(TypeError, match="a set has no order"):
+        processor(photos(2), PROMPTS, suffixes={"red", "blue"})
+
+
+def test_the_processor_scales_16_bit_images_and_refuses_empty_ones(folder):
+    import numpy as np
+
+    processor = PaliGemmaProcessor.from_folder(folder)
+    gray = Image.open(IMAGES / "chelsea.png").convert("L")
+    deep = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)  # the same picture in 16 bits
+    assert deep.mode == "I;16"
+    assert torch.equal(processor([deep], ["caption en"])["pixel_values"],
+                       processor([gray], ["caption en"])["pixel_values"])
+    with pytest.raises(ValueError, match=r"the image has no pixels \(0 x 0\)"):
+        processor([Image.new("RGB", (0, 0))], ["caption en"])
+
+
 def test_folder_errors_are_clear(folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
         PaliGemmaProcessor.from_folder(tmp_path)

@@ -93,6 +93,19 @@ def test_transparent_pixels_become_white():
     assert torch.all(preprocess_image(clear, size=14) == 1.0)
 
 
+def test_a_16_bit_photo_gives_the_pixels_of_its_8_bit_original(tmp_path):
+    "The reference converts a 16-bit image with Pillow, which clips it to white; we scale it to 8 bits first."
+    gray = Image.open(IMAGES / "chelsea.png").convert("L")
+    deep = Image.fromarray(np.asarray(gray, dtype=np.uint16) * 257)  # v -> v * 257: 255 -> 65535
+    deep.save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    expected = preprocess_image(gray, size=56)
+    for image in [deep, tmp_path / "deep.png", Image.open(tmp_path / "deep.png")]:
+        assert torch.equal(preprocess_image(image, size=56), expected)
+    clipped = reference_pixels([deep], 56)[0]
+    assert (clipped > 0.99).float().mean() > 0.9  # what Pillow's convert alone gives: nearly all white
+
+
 def test_patchify_is_the_strided_convolution():
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 8, kernel_size=14, stride=14)
