@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "nanopali-shapes"
@@ -231,11 +232,14 @@ def ask(model, processor, image, prompt: str, args) -> None:
 def run(args) -> None:
     check_arguments(args)
     import torch
+    from PIL import Image
 
     from .paligemma import load, pick_device
     from .patches import load_image
 
-    image = load_image(args.image)  # before the model: a wrong path fails in a second
+    with warnings.catch_warnings():  # Pillow's two-line warning about very large images becomes one note below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = load_image(args.image)  # before the model: a wrong path fails in a second
     device = pick_device(args.device)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     dtype = args.dtype or ("float32" if args.weights.resolve() == SHIPPED else "bfloat16")
@@ -255,6 +259,8 @@ def run(args) -> None:
         print(f"int8: the language model's weights quantized in {time.perf_counter() - start:.1f} s")
     print(f"image: {args.image} ({image.width} x {image.height}, seen as {processor.image_size[1]} x "
           f"{processor.image_size[0]})")
+    if Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+        print(f"note: a very large image ({image.width * image.height:,} pixels): it takes a while to shrink")
     if args.weights.resolve() == SHIPPED and image.size != processor.image_size[::-1]:
         print("note: the shipped model has only ever seen 112 x 112 scenes of coloured shapes, like images/scene.png; "
               "on other pictures its answers mean nothing. For photos, use a real PaliGemma (--weights).")

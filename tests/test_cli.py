@@ -310,3 +310,16 @@ def test_ctrl_c_at_any_moment_is_one_line(after):
         pytest.skip("the run ended before the signal")
     assert process.returncode == 130, err
     assert err.strip() == "nanopali: interrupted"
+
+
+def test_a_very_large_image_gets_one_note_not_pillows_warning(capsys, monkeypatch):
+    "Between Pillow's limit and twice it, Pillow warns in two lines on stderr; the command line says it in one note."
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # the scene's 12,544 pixels: over it, under twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning that escapes fails the test
+        assert main(["--image", SCENE, "--prompt", "caption en", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "note: a very large image (12,544 pixels): it takes a while to shrink" in captured.out
+    assert captured.err == ""
