@@ -5,6 +5,10 @@
 
 
 import json
+import math
+import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -147,8 +151,10 @@ def _hub_name(name: str) -> str:
     return name
 
 
-def save(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, folder: str | Path) -> Path:
-    "Write a checkpoint folder in the Hugging Face layout: config, safetensors, tokenizer, image settings."
+def save(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor, folder: str | Path, *,
+         overwrite: bool = False) -> Path:
+    """Write a checkpoint folder in the Hugging Face layout: config, safetensors, tokenizer, image settings. A folder
+    that holds anything is refused, unless overwrite=True: then it is replaced as a whole, once the new one is ready."""
     with torch.device("meta"):
         plain = set(PaliGemmaForConditionalGeneration(model.config).state_dict())
     if set(model.state_dict()) != plain:
@@ -157,28 +163,85 @@ def save(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProcessor
                          "changed after loading (lesson 10's int8, for one). Save the model as loaded, before changing "
                          "it")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stale = sorted(f.name for f in folder.glob("model*.safetensors*") if f.name != "model.safetensors")
-    if stale:
-        raise FileExistsError(f"{folder} already holds another checkpoint's files ({', '.join(stale)}): save into "
-                              "an empty folder, so that no old shard can be loaded with the new weights")
-    (folder / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    tensors = {_hub_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    processor.tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-        "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False, "padding_side": processor.padding_side},
-        indent=2))
-    settings = processor.image_settings
-    height, width = processor.image_size
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
-        "image_seq_length": processor.num_image_tokens, "size": {"height": height, "width": width},
-        "image_mean": list(settings["mean"]), "image_std": list(settings["std"]),
-        "rescale_factor": settings["rescale_factor"], "resample": int(settings["resample"]), "do_resize": True,
-        "do_rescale": True, "do_normalize": True, "do_convert_rgb": True}, indent=2))
+    staging = _staging_folder(folder, overwrite)  # everything checked first; then an empty folder to write into
+    try:
+        (staging / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        tensors = {_hub_name(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        mode = (staging / "config.json").stat().st_mode & 0o777  # what open() gives: 0o666 less the user's umask
+        os.chmod(staging / "model.safetensors", mode)  # safetensors' writer leaves 0o600
+        processor.tokenizer.save(str(staging / "tokenizer.json"))
+        (staging / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+            "unk_token": "<unk>", "add_bos_token": False, "add_eos_token": False,
+            "padding_side": processor.padding_side}, indent=2))
+        settings = processor.image_settings
+        height, width = processor.image_size
+        (staging / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
+            "image_seq_length": processor.num_image_tokens, "size": {"height": height, "width": width},
+            "image_mean": list(settings["mean"]), "image_std": list(settings["std"]),
+            "rescale_factor": settings["rescale_factor"], "resample": int(settings["resample"]), "do_resize": True,
+            "do_rescale": True, "do_normalize": True, "do_convert_rgb": True}, indent=2))
+        _into_place(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a failure leaves nothing behind (after success: already gone)
     return folder
+
+
+def check_save_folder(folder: str | Path, overwrite: bool = False) -> Path:
+    """The folder save would write (a symbolic link followed), or the error save would raise: callers that work for
+    long before saving (lesson 08's trainer) ask first."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder: choose another path for the model's folder")
+    target = folder.resolve()
+    if target.is_dir() and any(target.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{folder} already holds files: pass overwrite=True to replace the whole folder, or "
+                                  "choose a new folder")
+        here = Path.cwd().resolve()
+        if target in (here, *here.parents, Path.home().resolve()):
+            raise FileExistsError(f"{folder} is or holds the current folder, or is your home folder: overwrite=True "
+                                  "would delete all of it. Give the model's own folder")
+    return target
+
+
+def _staging_folder(folder: Path, overwrite: bool) -> Path:
+    """Check where save may write, before anything is written; then make an empty folder to write into: inside the
+    target if that is an empty folder, else beside it (on the same disk, so that moving it is a rename)."""
+    target = check_save_folder(folder, overwrite)
+    parent = target if target.is_dir() and not any(target.iterdir()) else target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = parent / f".{target.name}.saving-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()  # like every new folder: 0o777 less the user's umask
+    return staging
+
+
+def _into_place(staging: Path, folder: Path) -> None:
+    "Move the complete checkpoint to its place; a folder being replaced is kept until the new one is there."
+    target = folder.resolve()
+    if staging.parent == target:  # an existing empty folder: the files move in (and out again on a failure)
+        moved = []
+        try:
+            for f in sorted(staging.iterdir()):
+                moved.append(target / f.name)
+                os.replace(f, target / f.name)
+        except BaseException:
+            for f in moved:
+                f.unlink(missing_ok=True)
+            raise
+    elif not target.exists():
+        os.rename(staging, target)
+    else:  # overwrite=True: the old folder aside, the new one in its place, then the old one deleted
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old)
 
 
 @torch.inference_mode()
@@ -284,16 +347,28 @@ def _read_header(handle) -> tuple[dict, int]:
 def _read_into(handle, tensor: torch.Tensor) -> None:
     "Fill a contiguous tensor with the file's next bytes; a file that ends too soon is an error."
     if handle.readinto(tensor.view(-1).view(torch.uint8).numpy()) != tensor.numel() * tensor.element_size():
-        raise ValueError("the file ends before this tensor does: it is truncated")
+        raise ValueError("the file ends before this tensor does: it is truncated. Download it again")
+    _check_finite(tensor)
+
+
+def _check_finite(tensor: torch.Tensor) -> None:
+    "No NaN and no infinity: one pass over the tensor, no copy."
+    if tensor.numel() == 0:
+        return
+    low, high = torch.aminmax(tensor)  # a NaN anywhere makes both NaN; an infinity shows in one of them
+    if not (math.isfinite(low.item()) and math.isfinite(high.item())):
+        raise ValueError("it holds NaN or infinite numbers: the file is damaged, or the model diverged in training. "
+                         "Download it again, or use another checkpoint")
 
 
 def _read_tensor(handle, info: dict, data_start: int, dtype, device, chunk_bytes: int = 2**26) -> torch.Tensor:
-    """One tensor's bytes, read into new memory of the target dtype, then moved to the device. A tensor stored in
-    another dtype is read chunk by chunk and cast, so a float32 file never needs a float32 copy of a whole tensor."""
+    """One tensor's bytes, read into new memory of the target dtype, checked, then moved to the device. A tensor stored
+    in another dtype is read chunk by chunk and cast, so a float32 file never needs a float32 copy of a whole tensor."""
     shape, (start, end), file_dtype = info["shape"], info["data_offsets"], SAFETENSORS_FLOATS[info["dtype"]]
     out = torch.empty(shape, dtype=dtype)
     if out.numel() * file_dtype.itemsize != end - start:
-        raise ValueError(f"the header gives {end - start} bytes for a {info['dtype']} tensor of shape {shape}")
+        raise ValueError(f"the header gives {end - start} bytes for a {info['dtype']} tensor of shape {shape}: "
+                         "download it again")
     handle.seek(data_start + start)
     if file_dtype == dtype:
         _read_into(handle, out)
@@ -380,7 +455,7 @@ def _read_checkpoint(folder: Path, expected: dict, dtype, device, progress: bool
                         try:
                             tensor = _read_tensor(handle, info, data_start, dtype, device)
                         except ValueError as e:
-                            raise ValueError(f"{file}: {name}: {e}: download it again") from None
+                            raise ValueError(f"{file}: {name}: {e}") from None
                         bar.update(info["data_offsets"][1] - info["data_offsets"][0])
                         if ours == "lm_head.weight":
                             head = tensor

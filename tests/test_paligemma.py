@@ -4,8 +4,11 @@ Tiny random PaliGemmas made by transformers are saved in the three tensor-name l
 found in the wild (one of them sharded); nanopali.load must give the same logits
 (float32, 1e-5) and nanopali.generate the same greedy answers as the reference."""
 
+import errno
 import json
 import os
+import re
+import stat
 
 import pytest
 import torch
@@ -14,15 +17,17 @@ from safetensors.torch import load_file, save_file
 
 import nanopali
 from nanopali.bridge import build_tokenizer
+from nanopali.decoder import GemmaConfig
 from nanopali.paligemma import (
     PALIGEMMA_3B_PT_224_CONFIG,
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     canonical_name,
+    check_save_folder,
     load,
     save,
 )
-from nanopali.patches import ImageFileError
+from nanopali.patches import ImageFileError, SiglipVisionConfig
 
 from conftest import IMAGES
 
@@ -363,10 +368,174 @@ def test_an_index_that_does_not_match_its_shards_is_refused(good_folder):
         load(good_folder)
 
 
-def test_save_refuses_a_folder_holding_other_shards(good_folder):
-    model, processor = load(good_folder, dtype="float32")
-    with pytest.raises(FileExistsError, match="already holds another checkpoint's files"):
-        save(model, processor, good_folder)
+# save never writes over what exists unless told to (overwrite=True), and then replaces the folder as a whole.
+
+@pytest.fixture(scope="module")
+def tiny_saveable(tokenizer):
+    "A tiny PaliGemma of nanopali's own, and its processor: what save is given."
+    config = PaliGemmaConfig(SiglipVisionConfig.tiny(), GemmaConfig.tiny(vocab_size=tokenizer.get_vocab_size()),
+                             image_token_index=tokenizer.token_to_id("<image>"))
+    torch.manual_seed(0)
+    return (PaliGemmaForConditionalGeneration(config).eval(),
+            nanopali.paligemma.PaliGemmaProcessor(tokenizer, num_image_tokens=16, image_size=(56, 56)))
+
+
+def contents(folder):
+    "Every file under folder, with its bytes: what must not change."
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+SAVED_FILES = ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.json",
+               "tokenizer_config.json"]
+
+
+def test_save_refuses_a_folder_that_holds_files_and_changes_nothing(good_folder, tiny_saveable):
+    before, beside = contents(good_folder), sorted(os.listdir(good_folder.parent))
+    with pytest.raises(FileExistsError, match=f"^{good_folder} already holds files: pass overwrite=True to replace "
+                                              "the whole folder, or choose a new folder$"):
+        save(*tiny_saveable, good_folder)
+    assert contents(good_folder) == before and sorted(os.listdir(good_folder.parent)) == beside
+
+
+def test_save_refuses_a_file_even_with_overwrite(good_folder, tiny_saveable):
+    config = good_folder / "config.json"
+    before = config.read_bytes()
+    for overwrite in [False, True]:
+        with pytest.raises(FileExistsError, match=f"^{config} is a file, not a folder: choose another path"):
+            save(*tiny_saveable, config, overwrite=overwrite)
+    assert config.read_bytes() == before
+
+
+def test_save_accepts_an_empty_folder_and_a_new_one(tmp_path, tiny_saveable):
+    (tmp_path / "empty").mkdir()
+    for folder in [tmp_path / "empty", tmp_path / "new" / "deeper"]:
+        assert save(*tiny_saveable, folder) == folder
+        assert sorted(os.listdir(folder)) == SAVED_FILES
+    assert sorted(os.listdir(tmp_path)) == ["empty", "new"] and os.listdir(tmp_path / "new") == ["deeper"]
+    model, _ = load(tmp_path / "empty", dtype="float32")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_saveable[0].state_dict().values()))
+
+
+def test_overwrite_replaces_the_whole_folder(good_folder, tiny_saveable):
+    (good_folder / "eval.json").write_text("{}")  # describes the old weights, like lesson 08's
+    (good_folder / "notes").mkdir()
+    (good_folder / "notes" / "train_log.jsonl").write_text("{}\n")
+    save(*tiny_saveable, good_folder, overwrite=True)
+    assert sorted(os.listdir(good_folder)) == SAVED_FILES  # no old shard, index, eval.json or log survives
+    assert os.listdir(good_folder.parent) == [good_folder.name]  # nothing temporary left beside it
+    model, _ = load(good_folder, dtype="float32")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_saveable[0].state_dict().values()))
+
+
+def test_overwrite_refuses_the_current_folder(tmp_path, tiny_saveable, monkeypatch):
+    (tmp_path / "mine.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    for folder in [".", tmp_path, tmp_path.parent]:
+        with pytest.raises(FileExistsError, match="current folder.*overwrite=True would delete all of it"):
+            save(*tiny_saveable, folder, overwrite=True)
+    assert (tmp_path / "mine.txt").read_text() == "mine" and os.listdir(tmp_path) == ["mine.txt"]
+
+
+def test_check_save_folder_says_in_advance_what_save_would_do(good_folder, tmp_path):
+    "lesson 08's trainer asks before an hour of training: the same answers as save, and nothing written."
+    before = contents(good_folder)
+    assert check_save_folder(tmp_path / "new") == (tmp_path / "new").resolve() and not (tmp_path / "new").exists()
+    assert check_save_folder(good_folder, overwrite=True) == good_folder.resolve()
+    with pytest.raises(FileExistsError, match="already holds files: pass overwrite=True"):
+        check_save_folder(good_folder)
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        check_save_folder(good_folder / "config.json", overwrite=True)
+    assert contents(good_folder) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_save_leaves_the_old_folder_as_it_was_and_nothing_beside_it(tmp_path, tiny_saveable, monkeypatch,
+                                                                              failure, overwrite):
+    "A full disk or a Ctrl-C halfway (safetensors writing the weights): nothing of the user's changes."
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if overwrite:
+        save(*tiny_saveable, folder)
+        (folder / "eval.json").write_text("{}")
+    before = contents(folder)
+
+    def fail(*args, **kwargs):
+        raise failure
+    monkeypatch.setattr(nanopali.paligemma, "save_file", fail)
+    with pytest.raises(type(failure)):
+        save(*tiny_saveable, folder, overwrite=overwrite)
+    assert contents(folder) == before and os.listdir(tmp_path) == ["model"]
+
+
+def test_a_failure_while_moving_into_place_puts_the_old_folder_back(good_folder, tiny_saveable, monkeypatch):
+    before, rename = contents(good_folder), os.rename
+
+    def fail_on_the_new_folder(source, target):
+        if ".saving-" in str(source):
+            raise OSError(errno.EIO, "Input/output error")
+        rename(source, target)
+    monkeypatch.setattr(nanopali.paligemma.os, "rename", fail_on_the_new_folder)
+    with pytest.raises(OSError, match="Input/output error"):
+        save(*tiny_saveable, good_folder, overwrite=True)
+    assert contents(good_folder) == before and os.listdir(good_folder.parent) == [good_folder.name]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_saved_files_get_the_users_normal_permissions(tmp_path, tiny_saveable, umask):
+    old = os.umask(umask)
+    try:
+        folder = save(*tiny_saveable, tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+    assert {name: stat.S_IMODE((folder / name).stat().st_mode) for name in SAVED_FILES} == \
+        {name: 0o666 & ~umask for name in SAVED_FILES}
+
+
+# load refuses weights that are NaN or infinite, naming the tensor and its file.
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # read as stored, and cast chunk by chunk
+def test_nan_or_infinite_weights_are_refused_by_name(good_folder, bad, dtype):
+    shard = good_folder / "model-00002-of-00002.safetensors"
+    tensors = load_file(str(shard))
+    name = sorted(tensors)[-1]
+    tensors[name].view(-1)[-1] = bad  # one number of one tensor
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    before = contents(good_folder)
+    with pytest.raises(ValueError, match=f"^{shard}: {re.escape(name)}: it holds NaN or infinite numbers: the file is "
+                                         "damaged, or the model diverged in training. Download it again, or use "
+                                         "another checkpoint$"):
+        load(good_folder, dtype=dtype)
+    assert contents(good_folder) == before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_finite_check_finds_one_bad_number_anywhere(dtype):
+    "aminmax propagates NaN: checked at the start, the middle and the tail of the vectorised loops, on every dtype."
+    from nanopali.paligemma import _check_finite
+    for size in [1, 7, 1000, 100_003]:
+        weights = torch.linspace(-3.0, 3.0, size, dtype=dtype)
+        _check_finite(weights)
+        for position in {0, size // 2, size - 1}:
+            for bad in [float("nan"), float("inf"), -float("inf")]:
+                broken = weights.clone()
+                broken[position] = bad
+                with pytest.raises(ValueError, match="holds NaN or infinite numbers"):
+                    _check_finite(broken)
+    _check_finite(torch.empty(0, dtype=dtype))
+
+
+@pytest.mark.parametrize("key, value", [("rope_theta", 0), ("rope_theta", float("nan")), ("eos_token_id", None)])
+def test_config_values_that_cannot_work_are_refused_by_name(good_folder, key, value):
+    config = json.loads((good_folder / "config.json").read_text())
+    config["text_config"].pop("rope_parameters", None)
+    config["text_config"][key] = config["text_config"]["vocab_size"] if value is None else value
+    (good_folder / "config.json").write_text(json.dumps(config))  # json writes NaN as NaN, and reads it back
+    with pytest.raises(ValueError, match=f"config.json: .*{key}") as error:
+        load(good_folder)
+    assert "\n" not in str(error.value)
 
 
 def test_a_file_or_a_bad_device_name_is_refused(good_folder):
