@@ -5,10 +5,14 @@
 
 
 import argparse
+import errno
 import json
 import math
+import numbers
 import os
 import re
+import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -349,7 +353,8 @@ def make_pretrain_batch(processor: PaliGemmaProcessor, seed: int, step: int, bat
 class TrainConfig:
     "Everything that decides a training run; the same config and seed reproduce the same model."
 
-    out: str = "weights/nanopali-shapes"  # the model folder written at the end (checkpoints and log go beside it)
+    out: str | None = None  # the model folder written at the end, no default: name it (checkpoints and log go
+    # beside it); TrainConfig() alone still gives the recipe's settings, but train refuses it
     seed: int = 0
     pretrain_steps: int = 2500  # stage 0: the vision tower and projector, on patch targets (8.6)
     pretrain_batch_size: int = 64
@@ -411,10 +416,12 @@ def new_probe(model: PaliGemmaForConditionalGeneration, processor: PaliGemmaProc
     return probe
 
 
-def stage_optimizers(model: PaliGemmaForConditionalGeneration, probe: PatchProbe, cfg: TrainConfig):
+def stage_optimizers(model: PaliGemmaForConditionalGeneration, probe: PatchProbe, cfg: TrainConfig,
+                     schedule_steps: int | None = None):
     """((optimizer, schedule) of stage 0, (optimizer, schedule) of stage 1). Stage 0: the vision tower, the
     projector, the word embeddings and the probe, at pretrain_lr. Stage 1: the whole model, the pre-trained tower
-    and projector at vision_lr, Gemma at lr. Each schedule warms up and decays over its own stage."""
+    and projector at vision_lr, Gemma at lr. Each schedule warms up and decays over its own stage, stage 1's over
+    schedule_steps (default cfg.steps; a run extended when resumed keeps the length it started with, Appendix)."""
     pre_optimizer = adamw([*model.vision_tower.named_parameters(), *model.multi_modal_projector.named_parameters(),
                            *model.language_model.model.embed_tokens.named_parameters(prefix="embed_tokens"),
                            *probe.named_parameters()], lambda name: ("vision", cfg.pretrain_lr), cfg)
@@ -423,8 +430,9 @@ def stage_optimizers(model: PaliGemmaForConditionalGeneration, probe: PatchProbe
         cfg)
     pre_scheduler = torch.optim.lr_scheduler.LambdaLR(pre_optimizer, lambda step: learning_rate_factor(
         step, cfg.pretrain_steps, min(cfg.warmup, cfg.pretrain_steps), cfg.final_lr_fraction))
+    stage_steps = cfg.steps if schedule_steps is None else schedule_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
-        step, cfg.steps, cfg.warmup, cfg.final_lr_fraction))
+        step, stage_steps, cfg.warmup, cfg.final_lr_fraction))
     return (pre_optimizer, pre_scheduler), (optimizer, scheduler)
 
 
@@ -457,88 +465,254 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
     """Train the small PaliGemma: pre-train the vision tower (cfg.pretrain_steps), then the whole model (cfg.steps).
     Returns (model, processor). Writes <out>.checkpoint.pt every checkpoint_every steps and <out>.log.jsonl as it
     goes (Appendix); steps are counted across both stages."""
+    book = Bookkeeper(cfg, resume)  # checks the settings and what it resumes from, before any work (Appendix)
     model, processor = build(cfg)
     probe = new_probe(model, processor, cfg.seed)
-    (pre_optimizer, pre_scheduler), (optimizer, scheduler) = stage_optimizers(model, probe, cfg)
-    book = Bookkeeper(cfg, processor, model=model, probe=probe, pre_optimizer=pre_optimizer, optimizer=optimizer,
-                      pre_scheduler=pre_scheduler, scheduler=scheduler)
-    start_step = book.start(resume)  # 0, or the step of the checkpoint it resumed from
+    (pre_optimizer, pre_scheduler), (optimizer, scheduler) = stage_optimizers(model, probe, cfg, book.schedule_steps)
+    start_step = book.start(processor, model=model, probe=probe, pre_optimizer=pre_optimizer, optimizer=optimizer,
+                            pre_scheduler=pre_scheduler, scheduler=scheduler)  # 0, or the step of its checkpoint
     model.train()
     total = cfg.pretrain_steps + cfg.steps
-    bar = tqdm(range(start_step, total), initial=start_step, total=total, disable=not progress, desc="training",
-               unit="step")
-    for step in bar:
-        started = time.perf_counter()  # the time of a step includes drawing its scenes
-        opt, sched = (pre_optimizer, pre_scheduler) if step < cfg.pretrain_steps else (optimizer, scheduler)
-        used_lr = {group["part"]: group["lr"] for group in opt.param_groups}
-        loss, scores, examples = training_step(model, probe, processor, cfg, step, opt, sched)
-        book.after_step(step, loss, scores, examples, time.perf_counter() - started, used_lr, bar)
+    with tqdm(range(start_step, total), initial=start_step, total=total, disable=not progress, desc="training",
+              unit="step") as bar:
+        for step in bar:
+            started = time.perf_counter()  # the time of a step includes drawing its scenes
+            opt, sched = (pre_optimizer, pre_scheduler) if step < cfg.pretrain_steps else (optimizer, scheduler)
+            used_lr = {group["part"]: group["lr"] for group in opt.param_groups}
+            loss, scores, examples = training_step(model, probe, processor, cfg, step, opt, sched)
+            book.after_step(step, loss, scores, examples, time.perf_counter() - started, used_lr, bar)
     model.eval()
     return model, processor
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nanopali.train",
-                                     description="Train the course's small PaliGemma on synthetic scenes of shapes.")
+    parser = OneLineParser(prog="python -m nanopali.train",
+                           description="Train the course's small PaliGemma on synthetic scenes of shapes.")
+    parser.add_argument("--out", required=True, help="the folder to save the model in (checkpoints and the log go "
+                        "beside it); one that holds files is refused without --overwrite")
     for name, default in asdict(TrainConfig()).items():
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+        if name != "out":
+            parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                                help="default: %(default)s")
+    parser.add_argument("--overwrite", action="store_true", help="replace what --out holds with the new model")
     parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
     parser.add_argument("--final-eval-scenes", type=int, default=600, help="held-out scenes scored at the end")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     args = vars(parser.parse_args(argv))
-    resume, threads, final_scenes = not args.pop("no_resume"), args.pop("threads"), args.pop("final_eval_scenes")
-    if threads:
-        torch.set_num_threads(threads)
+    overwrite, resume = args.pop("overwrite"), not args.pop("no_resume")
+    threads, final_scenes = args.pop("threads"), args.pop("final_eval_scenes")
     cfg = TrainConfig(**args)
-    model, processor = train(cfg, resume=resume)
-    scores = evaluate(model, processor, final_scenes)
-    save(model, processor, cfg.out)
-    (Path(cfg.out) / "eval.json").write_text(json.dumps(scores, indent=2))
-    log = Path(cfg.out).with_name(Path(cfg.out).name + ".log.jsonl")
-    (Path(cfg.out) / "train_log.jsonl").write_text(log.read_text())  # the training log travels with the model
+    try:
+        check_command(cfg, overwrite, threads, final_scenes)  # every refusal, before any work (Appendix)
+        if threads:
+            torch.set_num_threads(threads)
+        model, processor = train(cfg, resume=resume)
+        scores = evaluate(model, processor, final_scenes)
+        save(model, processor, cfg.out, overwrite=overwrite)
+        (Path(cfg.out) / "eval.json").write_text(json.dumps(scores, indent=2))
+        log = Path(cfg.out).with_name(Path(cfg.out).name + ".log.jsonl")
+        (Path(cfg.out) / "train_log.jsonl").write_text(log.read_text())  # the training log travels with the model
+    except (ValueError, OSError) as e:  # a mistake of the user's, or the disk's: one line
+        print(f"nanopali.train: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nanopali.train: {interrupted(cfg, resume)}", file=sys.stderr)
+        return 130
     print(f"held-out accuracy on {final_scenes} scenes:", json.dumps(scores))
     return 0
 
 
 def save_checkpoint(path: Path, **state):
-    "Write to a temporary file, then rename: an interrupted save never leaves a broken checkpoint behind."
+    """Write to a temporary file, then rename: an interrupted or failed save never leaves a broken checkpoint behind,
+    nor its temporary file. A full disk is said in one line."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except BaseException as e:  # Ctrl-C, a full disk, ...: delete the half-written file, keep the previous checkpoint
+        torch_write = isinstance(e, RuntimeError) and "inline_container" in str(e)  # how torch reports a failed write
+        full = (isinstance(e, OSError) and e.errno == errno.ENOSPC) or (
+            torch_write and shutil.disk_usage(tmp.parent).free < 2**20)  # measured before deleting the temporary file
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint has been written yet"
+        if full:
+            raise OSError(f"no space left on device while writing {path}: free some space; {kept}") from None
+        if torch_write:
+            raise OSError(f"could not write {path} ({e}); {kept}") from None
+        raise
     os.replace(tmp, path)  # atomic on the same file system
+
+
+IMAGE_SIZES = range(28, 295, 14)  # multiples of the patch size 14: 28 still holds three shapes apart; at 294 the
+# 441 image tokens, the longest prompt and a 40-token answer still fit the model's 512 positions
+WHOLE_NUMBERS = {"seed": 0, "pretrain_steps": 0, "pretrain_batch_size": 1, "steps": 0, "batch_size": 1, "warmup": 0,
+                 "eval_every": 1, "eval_scenes": 1, "checkpoint_every": 1, "log_every": 1}  # the least of each
+RATES = ("pretrain_lr", "lr", "vision_lr", "clip")  # each a finite number > 0
+
+
+def flag(name: str) -> str:
+    "The command line's flag of a TrainConfig field: batch_size -> --batch-size."
+    return "--" + name.replace("_", "-")
+
+
+def check_config(cfg: TrainConfig):
+    "Refuse, in one line naming the flag and what it allows, the first setting no run can use."
+    if not cfg.out:
+        raise ValueError("no output folder: give --out FOLDER (TrainConfig(out=...)); checkpoints and the log go "
+                         "beside it")
+    for name, least in WHOLE_NUMBERS.items():
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{flag(name)} {value}: must be a whole number >= {least}")
+    if cfg.seed >= 2**63:
+        raise ValueError(f"--seed {cfg.seed}: must be below 2**63")
+    for name in RATES:
+        value = getattr(cfg, name)
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag(name)} {value}: must be a number > 0 (not nan or inf)")
+    if not (isinstance(cfg.final_lr_fraction, numbers.Real) and 0 <= cfg.final_lr_fraction <= 1):
+        raise ValueError(f"--final-lr-fraction {cfg.final_lr_fraction}: must be between 0 and 1")
+    if not (isinstance(cfg.weight_decay, numbers.Real) and 0 <= cfg.weight_decay < math.inf):
+        raise ValueError(f"--weight-decay {cfg.weight_decay}: must be a number >= 0 (not nan or inf)")
+    if not isinstance(cfg.image_size, numbers.Integral) or cfg.image_size not in IMAGE_SIZES:
+        raise ValueError(f"--image-size {cfg.image_size}: must be a multiple of the patch size 14 from "
+                         f"{IMAGE_SIZES[0]} to {IMAGE_SIZES[-1]}")
+
+
+def check_output(out: Path, overwrite: bool):
+    "Refuse an --out the final save could not write, or one that holds files (unless overwrite)."
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give the path of a folder for the model")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = "a model" if (out / "config.json").exists() else "files"
+        raise ValueError(f"--out {out} already holds {held}: add --overwrite to replace it with the new model, or "
+                         "choose another --out")
+    folder = out.absolute().parent
+    while not folder.exists():  # the first folder on the way up that exists: the run makes the others
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {folder} (permission denied): choose a folder you can write "
+                         "to")
+
+
+def check_command(cfg: TrainConfig, overwrite: bool, threads: int | None, final_scenes: int):
+    "Everything the command line refuses before any work: the settings, its own flags, the output folder."
+    check_config(cfg)
+    if final_scenes < 1:
+        raise ValueError(f"--final-eval-scenes {final_scenes}: must be a whole number >= 1")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads {threads}: must be a whole number >= 1 (leave it out for PyTorch's choice)")
+    check_output(Path(cfg.out), overwrite)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    "argparse, but a bad command line gets one line (and exit status 2), not the usage text."
+
+    def error(self, message):
+        self.exit(2, f"nanopali.train: error: {message} (see python -m nanopali.train --help)\n")
+
+
+FREE_ON_RESUME = ("out", "eval_every", "eval_scenes", "checkpoint_every", "log_every")  # they change no weight
+
+
+def read_checkpoint(path: Path, cfg: TrainConfig) -> dict:
+    """The checkpoint at path, if it can go on as the run cfg describes: the same settings, except those that change
+    no weight (FREE_ON_RESUME) and `steps`, which may grow. Else one line naming each setting that differs."""
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # a damaged or foreign file: torch's own message would not say what to do
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}): remove it, or start over with --no-resume") \
+            from None
+    if not (isinstance(state, dict) and {"step", "config", "elapsed"} <= set(state)):
+        raise ValueError(f"{path} is not a checkpoint of nanopali.train: remove it, or start over with --no-resume")
+    saved, now = state["config"], asdict(cfg)
+    differ = [f"{flag(k)} {now[k]} (the checkpoint's: {saved.get(k, 'none')}" +
+              ("; it may grow, not shrink)" if k == "steps" else ")") for k in now
+              if k not in FREE_ON_RESUME and now[k] != saved.get(k) and not (k == "steps" and now[k] > saved.get(k, 0))]
+    if differ:
+        raise ValueError(f"{path} was written with other settings: {', '.join(differ)}. Resume with the checkpoint's "
+                         "values, or start over with --no-resume")
+    return state
+
+
+def read_log(path: Path) -> tuple[list, bool]:
+    """The log's lines, and whether its last line was cut off (a run killed while writing it): that line is left out.
+    A damaged line before the last is refused: the log would no longer say what the run did."""
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            whole = isinstance(json.loads(line).get("step"), int)
+        except (ValueError, AttributeError):  # not JSON, or JSON that is not a record
+            whole = False
+        if not whole and number == len(lines):
+            return lines[:-1], True
+        if not whole:
+            raise ValueError(f"line {number} of {path} is damaged (not a record of this log): delete that line to "
+                             "resume, or start over with --no-resume")
+    return lines, False
+
+
+def interrupted(cfg: TrainConfig, resume: bool) -> str:
+    "The line Ctrl-C prints: where the last checkpoint is and how to go on from it."
+    out = Path(cfg.out)
+    checkpoint = out.with_name(out.name + ".checkpoint.pt")
+    try:
+        step = read_checkpoint(checkpoint, cfg)["step"]
+    except ValueError:  # none yet, or another run's
+        return (f"interrupted before this run's first checkpoint (every {cfg.checkpoint_every} steps): run the same "
+                "command to start again")
+    again = "the same command" if resume else "the same command without --no-resume"
+    return (f"interrupted: the last checkpoint is {checkpoint} (step {step} of {cfg.pretrain_steps + cfg.steps}); "
+            f"run {again} to resume from it")
 
 
 class Bookkeeper:
     """What a run keeps besides the weights it learns: resuming from <out>.checkpoint.pt, the log <out>.log.jsonl,
-    evaluations on held-out scenes during stage 1, and checkpoints of `parts` (model, probe, both optimizers and
-    schedules). It reads what the training loop does and never changes it."""
+    evaluations on held-out scenes during stage 1, and checkpoints of the parts `start` is given (model, probe, both
+    optimizers and schedules). Made before the model, it checks the settings and what it would resume from, so that a
+    run it refuses does no work and changes no file. It reads what the training loop does and never changes it."""
 
-    def __init__(self, cfg: TrainConfig, processor: PaliGemmaProcessor, **parts):
+    def __init__(self, cfg: TrainConfig, resume: bool = True):
+        check_config(cfg)
         out = Path(cfg.out)
-        self.cfg, self.processor, self.parts = cfg, processor, parts
+        self.cfg = cfg
         self.checkpoint = out.with_name(out.name + ".checkpoint.pt")
         self.log_path = out.with_name(out.name + ".log.jsonl")
-        out.parent.mkdir(parents=True, exist_ok=True)
+        self.state = read_checkpoint(self.checkpoint, cfg) if resume and self.checkpoint.is_file() else None
+        self.schedule_steps, self.log_lines, self.cut_off = cfg.steps, [], False  # the schedule's length: a fresh run's
+        if self.state is not None:
+            if self.log_path.exists():
+                self.log_lines, self.cut_off = read_log(self.log_path)
+            first = self.state["config"]["steps"]
+            self.schedule_steps = self.state.get("schedule_steps", first)  # the length the run started with
+            if cfg.steps > first:
+                print(f"extending stage 1 from {first} to {cfg.steps} steps: the learning-rate schedule keeps the "
+                      f"length the run started with ({self.schedule_steps} steps), so the steps past it train at its "
+                      f"final rate, {cfg.final_lr_fraction} x the peak")
         self.window, self.started = [], time.perf_counter()
 
-    def start(self, resume: bool) -> int:
-        """Resume from the checkpoint if asked and there is one (and cut the log back to it), else start a fresh log.
-        Returns the step to start from."""
+    def start(self, processor: PaliGemmaProcessor, **parts) -> int:
+        """Load the checkpoint into `parts` if resuming (and cut the log back to it), else start a fresh log. Returns
+        the step to start from."""
+        self.processor, self.parts = processor, parts
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        stale = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
+        if stale.exists():  # left by a run killed while saving: never a checkpoint to trust
+            stale.unlink()
+            print(f"deleted {stale}, left by a run stopped while saving a checkpoint")
         start_step, elapsed = 0, 0.0
-        if resume and self.checkpoint.is_file():
-            state = torch.load(self.checkpoint, weights_only=False)
-            if state["config"] != asdict(self.cfg):
-                raise ValueError(f"{self.checkpoint} belongs to another run ({state['config']}): remove it or use the "
-                                 "same settings")
-            for name, part in self.parts.items():
-                part.load_state_dict(state[name])
-            start_step, elapsed = state["step"], state["elapsed"]
-            if self.log_path.exists():  # keep the log up to the checkpoint: later lines are redone by this run
-                kept = [line for line in self.log_path.read_text().splitlines()
-                        if json.loads(line)["step"] <= start_step]
-                self.log_path.write_text("".join(line + "\n" for line in kept))
-        elif self.log_path.exists():
-            self.log_path.unlink()  # a fresh run starts a fresh log
-        self.log_path.touch()
+        if self.state is not None:
+            for name, part in parts.items():
+                part.load_state_dict(self.state[name])
+            start_step, elapsed = self.state["step"], self.state["elapsed"]
+            if self.cut_off:
+                print(f"dropped the last line of {self.log_path}: it was cut off by a run stopped while writing it")
+            kept = [line for line in self.log_lines if json.loads(line)["step"] <= start_step]  # later: redone
+            self.log_path.write_text("".join(line + "\n" for line in kept))
+            self.state = None  # loaded: no need to keep a second copy
+        else:
+            self.log_path.write_text("")  # a fresh run starts a fresh log
         self.window, self.started = [], time.perf_counter() - elapsed
         return start_step
 
@@ -553,7 +727,8 @@ class Bookkeeper:
             self.write_record(step, pretraining, used_lr, evaluating, bar)
         if (step + 1) % cfg.checkpoint_every == 0 or stage_end:
             save_checkpoint(self.checkpoint, **{name: part.state_dict() for name, part in self.parts.items()},
-                            step=step + 1, config=asdict(cfg), elapsed=time.perf_counter() - self.started)
+                            step=step + 1, config=asdict(cfg), schedule_steps=self.schedule_steps,
+                            elapsed=time.perf_counter() - self.started)
 
     def write_record(self, step: int, pretraining: bool, used_lr: dict, evaluating: bool, bar):
         "One line of the log: the means over the steps since the last line, and an evaluation when due."
@@ -568,8 +743,14 @@ class Bookkeeper:
         if evaluating:
             record["eval"] = {k: round(v, 3) for k, v in evaluate(model, self.processor, self.cfg.eval_scenes).items()}
             model.train()
-        with open(self.log_path, "a") as log:
-            log.write(json.dumps(record) + "\n")
+        try:
+            with open(self.log_path, "a") as log:
+                log.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise OSError(f"no space left on device while writing {self.log_path}: free some space, then run the same "
+                          "command to resume from the last checkpoint") from None
         bar.set_postfix(stage=record["stage"], loss=f"{record['loss']:.3f}",
                         samples_per_s=f"{record['samples_per_s']:.0f}")
         self.window = []

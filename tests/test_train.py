@@ -1,11 +1,22 @@
 """Lesson 08: the scenes, the tasks, the loss on the answer only, and the trainer's guarantees."""
 
+import dataclasses
+import errno
+import functools
+import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import nanopali.train as trainer
 from nanopali.train import (
     COLOURS,
     SHAPES,
@@ -14,6 +25,7 @@ from nanopali.train import (
     caption,
     iou,
     loc_tokens,
+    main,
     make_scene,
     make_task,
     parse_detections,
@@ -24,7 +36,21 @@ from nanopali.train import (
     train,
 )
 
-from conftest import IMAGES, run_python
+from conftest import IMAGES, REPO, SHIPPED, run_python
+
+
+@pytest.fixture(autouse=True)
+def tokenizer_once(monkeypatch):
+    "Every run here learns the same tokenizer from its seed: learn it once per seed (seconds each time otherwise)."
+    monkeypatch.setattr(trainer, "make_tokenizer", _tokenizer_of_seed)
+
+
+@functools.cache
+def _tokenizer_of_seed(seed: int = 0):
+    return _make_tokenizer(seed)
+
+
+_make_tokenizer = trainer.make_tokenizer
 
 
 def test_scenes_are_deterministic():
@@ -176,7 +202,7 @@ def test_scene_with_too_many_objects_is_refused():
         make_scene(np.random.default_rng(0), max_objects=5)
 
 
-def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_an_interrupted_save_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
     path = tmp_path / "run.checkpoint.pt"
     save_checkpoint(path, step=1, model={"w": torch.ones(3)})
 
@@ -191,26 +217,346 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatc
     monkeypatch.undo()
     state = torch.load(path, weights_only=False)
     assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert not (tmp_path / "run.checkpoint.pt.tmp").exists()
 
 
-def test_a_checkpoint_of_another_run_is_refused(tmp_path):
-    train(tiny_run(tmp_path, 5), progress=False)
-    with pytest.raises(ValueError, match="belongs to another run"):
-        train(tiny_run(tmp_path, 5, lr=5e-4), progress=False)
+def test_a_checkpoint_of_other_settings_is_refused_naming_each_one(tmp_path, monkeypatch, float32_steps):
+    train(tiny_run(tmp_path, 5, batch_size=2, eval_scenes=1), progress=False)
+    before = digest(tmp_path)
+    monkeypatch.setattr(trainer, "build", no_work)
+    with pytest.raises(ValueError) as refused:
+        train(tiny_run(tmp_path, 5, batch_size=2, eval_scenes=1, lr=5e-4, seed=1), progress=False)
+    message = str(refused.value)
+    assert message == (f"{tmp_path / 'model.checkpoint.pt'} was written with other settings: --seed 1 (the "
+                       "checkpoint's: 0), --lr 0.0005 (the checkpoint's: 0.001). Resume with the checkpoint's values, "
+                       "or start over with --no-resume")
+    with pytest.raises(ValueError, match=r"--steps 3 \(the checkpoint's: 5; it may grow, not shrink\)"):
+        train(tiny_run(tmp_path, 3, batch_size=2, eval_scenes=1), progress=False)
+    assert digest(tmp_path) == before  # nothing changed on disk
 
 
 def test_the_command_line_trains_evaluates_and_saves(tmp_path):
     out = tmp_path / "shapes"
-    result = run_python("-m", "nanopali.train", "--out", str(out), "--pretrain-steps", "2", "--pretrain-batch-size",
-                        "4", "--steps", "6", "--batch-size", "4", "--warmup", "2", "--eval-scenes", "2",
-                        "--eval-every", "1000", "--checkpoint-every", "3", "--final-eval-scenes", "3")
+    result = run_python("-m", "nanopali.train", "--out", str(out), *TINY)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "held-out accuracy on 3 scenes" in result.stdout
     scores = json.loads((out / "eval.json").read_text())
     assert set(scores) == set(TASKS)
+    assert (out / "train_log.jsonl").read_text() == (tmp_path / "shapes.log.jsonl").read_text()
     import nanopali
     model, processor = nanopali.load(out)
     assert len(nanopali.generate(model, processor, [IMAGES / "chelsea.png"], ["caption en"], max_new_tokens=3)) == 1
+
+    again = run_python("-m", "nanopali.train", "--out", str(out), *TINY)  # the same command: the run is finished
+    assert again.returncode == 1
+    assert one_line(again.stderr) == (f"nanopali.train: error: --out {out} already holds a model: add --overwrite to "
+                                      "replace it with the new model, or choose another --out")
+    longer = run_python("-m", "nanopali.train", "--out", str(out), *TINY, "--steps", "8", "--overwrite")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "extending stage 1 from 6 to 8 steps" in longer.stdout
+    steps = [json.loads(line)["step"] for line in open(out / "train_log.jsonl")]
+    assert steps[-1] == 10 and steps == sorted(steps)
+
+
+# Nothing the user owns is overwritten, and every mistake gets one line (issue 15).
+
+TINY = ["--pretrain-steps", "2", "--pretrain-batch-size", "4", "--steps", "6", "--batch-size", "4", "--warmup", "2",
+        "--eval-scenes", "2", "--eval-every", "1000", "--checkpoint-every", "3", "--final-eval-scenes", "3"]
+
+
+def digest(folder) -> dict:
+    "Every file under folder, with the hash of its bytes."
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def no_work(*args, **kwargs):
+    raise AssertionError("the run did work before refusing")
+
+
+@pytest.fixture
+def float32_steps(monkeypatch):
+    """Train in float32 in the tests of the bookkeeping, which do not depend on the precision: bfloat16 autocast is
+    emulated, and several times slower, on CPUs without bfloat16 instructions."""
+    step = trainer.training_step
+    monkeypatch.setattr(trainer, "training_step", lambda *args, **kwargs: step(*args, **kwargs, autocast=False))
+
+
+def test_without_out_the_run_is_refused_and_the_shipped_model_is_untouched():
+    before, beside = digest(SHIPPED), sorted(p.name for p in SHIPPED.parent.iterdir())
+    result = run_python("-m", "nanopali.train", "--pretrain-steps", "0", "--steps", "2", "--batch-size", "2")
+    assert result.returncode == 2
+    assert one_line(result.stderr) == ("nanopali.train: error: the following arguments are required: --out (see "
+                                       "python -m nanopali.train --help)")
+    assert digest(SHIPPED) == before and sorted(p.name for p in SHIPPED.parent.iterdir()) == beside
+    assert TrainConfig().out is None  # the recipe's defaults can be read; a run needs an out
+    with pytest.raises(ValueError, match=r"no output folder: give --out FOLDER \(TrainConfig\(out=\.\.\.\)\)"):
+        train(TrainConfig(pretrain_steps=0, steps=1), progress=False)
+
+
+def test_the_shipped_folder_is_refused_without_overwrite():
+    before, beside = digest(SHIPPED), sorted(p.name for p in SHIPPED.parent.iterdir())
+    result = run_python("-m", "nanopali.train", "--out", "weights/nanopali-shapes", "--steps", "2")
+    assert result.returncode == 1
+    assert one_line(result.stderr) == ("nanopali.train: error: --out weights/nanopali-shapes already holds a model: "
+                                       "add --overwrite to replace it with the new model, or choose another --out")
+    assert digest(SHIPPED) == before and sorted(p.name for p in SHIPPED.parent.iterdir()) == beside
+
+
+def test_a_folder_holding_files_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = digest(tmp_path)
+    monkeypatch.setattr(trainer, "build", no_work)
+    assert main(["--out", str(out), "--steps", "2"]) == 1
+    assert one_line(capsys.readouterr().err) == (f"nanopali.train: error: --out {out} already holds files: add "
+                                                 "--overwrite to replace it with the new model, or choose another "
+                                                 "--out")
+    assert digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "build", no_work)
+    (tmp_path / "a-file").write_text("mine")
+    assert main(["--out", str(tmp_path / "a-file")]) == 1
+    assert one_line(capsys.readouterr().err) == (f"nanopali.train: error: --out {tmp_path / 'a-file'} is a file: give "
+                                                 "the path of a folder for the model")
+    assert main(["--out", str(tmp_path / "a-file" / "model")]) == 1
+    assert one_line(capsys.readouterr().err) == (f"nanopali.train: error: --out {tmp_path / 'a-file' / 'model'}: "
+                                                 f"{tmp_path / 'a-file'} is a file, not a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root writes anywhere: stand in for a user who cannot
+            monkeypatch.setattr(trainer.os, "access", lambda path, mode: os.fspath(path) != os.fspath(locked))
+        assert main(["--out", str(locked / "runs" / "model")]) == 1
+    finally:
+        locked.chmod(0o755)
+    assert one_line(capsys.readouterr().err) == (f"nanopali.train: error: --out {locked / 'runs' / 'model'}: cannot "
+                                                 f"write in {locked} (permission denied): choose a folder you can "
+                                                 "write to")
+    assert list(locked.iterdir()) == [] and (tmp_path / "a-file").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag, value, allowed", [
+    ("--checkpoint-every", "0", "must be a whole number >= 1"),
+    ("--log-every", "0", "must be a whole number >= 1"),
+    ("--eval-every", "0", "must be a whole number >= 1"),
+    ("--batch-size", "0", "must be a whole number >= 1"),
+    ("--pretrain-batch-size", "0", "must be a whole number >= 1"),
+    ("--image-size", "100", "must be a multiple of the patch size 14 from 28 to 294"),
+    ("--image-size", "14", "must be a multiple of the patch size 14 from 28 to 294"),
+    ("--image-size", "308", "must be a multiple of the patch size 14 from 28 to 294"),
+    ("--lr", "nan", "must be a number > 0 (not nan or inf)"),
+    ("--lr", "inf", "must be a number > 0 (not nan or inf)"),
+    ("--lr", "0", "must be a number > 0 (not nan or inf)"),
+    ("--vision-lr", "-0.001", "must be a number > 0 (not nan or inf)"),
+    ("--pretrain-lr", "nan", "must be a number > 0 (not nan or inf)"),
+    ("--clip", "0", "must be a number > 0 (not nan or inf)"),
+    ("--weight-decay", "nan", "must be a number >= 0 (not nan or inf)"),
+    ("--final-lr-fraction", "2", "must be between 0 and 1"),
+    ("--steps", "-5", "must be a whole number >= 0"),
+    ("--pretrain-steps", "-1", "must be a whole number >= 0"),
+    ("--warmup", "-1", "must be a whole number >= 0"),
+    ("--seed", "-1", "must be a whole number >= 0"),
+    ("--eval-scenes", "0", "must be a whole number >= 1"),
+    ("--final-eval-scenes", "0", "must be a whole number >= 1"),
+    ("--threads", "0", "must be a whole number >= 1 (leave it out for PyTorch's choice)"),
+])
+def test_each_impossible_setting_gets_one_line_before_any_work(tmp_path, monkeypatch, capsys, flag, value, allowed):
+    monkeypatch.setattr(trainer, "build", no_work)
+    assert main(["--out", str(tmp_path / "model"), flag, value]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"nanopali.train: error: {flag} ") and line.endswith(f": {allowed}"), line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_setting_is_refused_by_the_command_line_in_one_line(tmp_path):
+    result = run_python("-m", "nanopali.train", "--out", str(tmp_path / "model"), "--batch-size", "0")
+    assert (result.returncode, one_line(result.stderr)) == (
+        1, "nanopali.train: error: --batch-size 0: must be a whole number >= 1")
+    wrong_type = run_python("-m", "nanopali.train", "--out", str(tmp_path / "model"), "--steps", "many")
+    assert (wrong_type.returncode, one_line(wrong_type.stderr)) == (
+        2, "nanopali.train: error: argument --steps: invalid int value: 'many' (see python -m nanopali.train --help)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_run_grows_with_more_steps_at_the_schedules_final_rate(tmp_path, capsys, float32_steps):
+    cfg = tiny_run(tmp_path, 6, warmup=2, log_every=1, batch_size=2, eval_scenes=1)
+    train(cfg, progress=False)
+    log = tmp_path / "model.log.jsonl"
+    first = log.read_text().splitlines()
+    longer = dataclasses.replace(cfg, steps=9, eval_every=3, checkpoint_every=2, eval_scenes=2)  # these may change
+    train(longer, progress=False)
+    assert capsys.readouterr().out.strip() == (
+        "extending stage 1 from 6 to 9 steps: the learning-rate schedule keeps the length the run started with (6 "
+        "steps), so the steps past it train at its final rate, 0.1 x the peak")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert log.read_text().splitlines()[:6] == first and [r["step"] for r in records] == list(range(1, 10))
+    assert all(r["lr_text"] == pytest.approx(cfg.lr * cfg.final_lr_fraction) for r in records[6:])
+    train(dataclasses.replace(longer, steps=10), progress=False)  # again: the schedule still has the first length
+    assert "(6 steps)" in capsys.readouterr().out
+    assert json.loads(log.read_text().splitlines()[-1])["lr_text"] == pytest.approx(cfg.lr * cfg.final_lr_fraction)
+    assert torch.load(tmp_path / "model.checkpoint.pt", weights_only=False)["schedule_steps"] == 6
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "model.checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    monkeypatch.setattr(trainer, "build", no_work)
+    with pytest.raises(ValueError, match=r"model.checkpoint.pt cannot be read \(.*\): remove it, or start over with "
+                                         r"--no-resume"):
+        train(tiny_run(tmp_path, 5), progress=False)
+
+
+@pytest.mark.parametrize("failure", ["torch", "oserror"])
+def test_a_full_disk_while_checkpointing_gets_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, failure):
+    path = tmp_path / "run.checkpoint.pt"
+    save_checkpoint(path, step=1, model={"w": torch.ones(3)})
+
+    def full(obj, f, *args, **kwargs):
+        with open(f, "wb") as half:
+            half.write(b"x" * 4096)
+        if failure == "torch":  # what torch 2.x raises when the disk fills during torch.save
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda folder: SimpleNamespace(total=10**9, used=10**9, free=0))
+    with pytest.raises(OSError) as refused:
+        save_checkpoint(path, step=2, model={"w": torch.zeros(3)})
+    assert str(refused.value) == (f"no space left on device while writing {path}: free some space; the previous "
+                                  "checkpoint is intact")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.checkpoint.pt"]
+    assert torch.load(path, weights_only=False)["step"] == 1
+
+
+def test_a_failed_torch_write_with_space_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    path = tmp_path / "run.checkpoint.pt"
+
+    def failing(obj, f, *args, **kwargs):
+        open(f, "wb").close()
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    monkeypatch.setattr(torch, "save", failing)
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda folder: SimpleNamespace(total=10**9, used=0, free=10**9))
+    with pytest.raises(OSError, match=r"could not write .*run.checkpoint.pt \(\[enforce fail at inline_container.cc:"
+                                      r"672\] . unexpected pos 576 vs 534\); no checkpoint has been written yet"):
+        save_checkpoint(path, step=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_says_a_full_disk_in_one_line(tmp_path, monkeypatch, capsys, float32_steps):
+    saves = {"n": 0}
+    real_save = torch.save
+
+    def full_on_the_second(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_the_second)
+    out = tmp_path / "model"
+    assert main(["--out", str(out), *TINY]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"nanopali.train: error: no space left on device while writing {tmp_path / 'model.checkpoint.pt'}: free some "
+        "space; the previous checkpoint is intact")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.checkpoint.pt", "model.log.jsonl"]
+
+
+def test_a_stale_temporary_checkpoint_is_deleted_when_a_run_starts(tmp_path, capsys, float32_steps):
+    stale = tmp_path / "model.checkpoint.pt.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(tiny_run(tmp_path, 2, batch_size=2, eval_scenes=1), progress=False)
+    assert not stale.exists()
+    assert f"deleted {stale}, left by a run stopped while saving a checkpoint" in capsys.readouterr().out
+
+
+def test_a_log_line_cut_off_by_a_kill_is_dropped_when_resuming(tmp_path, monkeypatch, capsys, float32_steps):
+    cfg = tiny_run(tmp_path, 8, checkpoint_every=3, log_every=1, batch_size=2, eval_scenes=1)
+    interrupt_after(5, cfg, monkeypatch)
+    log = tmp_path / "model.log.jsonl"
+    log.write_text(log.read_text() + '{"step": 6, "stage": "ta')  # killed in the middle of writing a line
+    train(cfg, progress=False)
+    assert f"dropped the last line of {log}: it was cut off by a run stopped while writing it" in \
+        capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 9))
+
+
+def test_a_damaged_log_line_before_the_last_is_refused(tmp_path, monkeypatch, float32_steps):
+    cfg = tiny_run(tmp_path, 8, checkpoint_every=3, log_every=1, batch_size=2, eval_scenes=1)
+    interrupt_after(5, cfg, monkeypatch)
+    log = tmp_path / "model.log.jsonl"
+    lines = log.read_text().splitlines()
+    lines[1] = lines[1][:12]
+    log.write_text("".join(line + "\n" for line in lines))
+    before = digest(tmp_path)
+    monkeypatch.setattr(trainer, "build", no_work)
+    with pytest.raises(ValueError) as refused:
+        train(cfg, progress=False)
+    assert str(refused.value) == (f"line 2 of {log} is damaged (not a record of this log): delete that line to "
+                                  "resume, or start over with --no-resume")
+    assert digest(tmp_path) == before
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_the_same_command_resumes(tmp_path, monkeypatch, capsys, float32_steps):
+    out = tmp_path / "model"
+    calls = {"n": 0}
+    real_batch = trainer.make_batch
+
+    def stop_at_the_third_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_batch(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "make_batch", stop_at_the_third_step)
+        args = ["--out", str(out), "--pretrain-steps", "0", "--steps", "6", "--batch-size", "2", "--warmup", "1",
+                "--eval-scenes", "1", "--checkpoint-every", "2", "--final-eval-scenes", "1"]
+        assert main(args) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"nanopali.train: interrupted: the last checkpoint is {tmp_path / 'model.checkpoint.pt'} (step 2 of 6); run "
+        "the same command to resume from it")
+    assert not out.exists()  # a run stopped half-way has a checkpoint but no model folder yet
+    assert main(args) == 0
+    assert (out / "eval.json").is_file()
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "make_batch", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main(["--out", str(tmp_path / "model"), "--pretrain-steps", "0", "--steps", "4"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "nanopali.train: interrupted before this run's first checkpoint (every 250 steps): run the same command to "
+        "start again")
+
+
+def test_ctrl_c_on_the_command_line_is_one_line_not_a_traceback(tmp_path):
+    out = tmp_path / "model"
+    checkpoint = tmp_path / "model.checkpoint.pt"
+    run = subprocess.Popen([sys.executable, "-m", "nanopali.train", "--out", str(out), "--pretrain-steps", "100000",
+                            "--pretrain-batch-size", "1", "--steps", "0", "--warmup", "1", "--checkpoint-every", "2"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"nanopali.train: interrupted: the last checkpoint is {checkpoint} (step "), last
+    assert last.endswith(" of 100000); run the same command to resume from it"), last
+    assert not (tmp_path / "model.checkpoint.pt.tmp").exists()
 
 
 @pytest.mark.parametrize("seed", range(8))
