@@ -4,6 +4,7 @@
 """Gemma's attention shares keys and values between heads; with RMSNorm and a gated MLP it makes one decoder layer."""
 
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,14 @@ class GemmaConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even: RoPE rotates pairs of dimensions")
+        for name, usual in (("rope_theta", 10000.0), ("rms_norm_eps", 1e-6)):  # `not 0 < x < inf` refuses NaN too
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive, finite number, got {getattr(self, name)} (Gemma's: "
+                                 f"{usual})")
+        for name in ("pad_token_id", "eos_token_id", "bos_token_id"):  # the loop reads and writes these tokens
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"{name} {getattr(self, name)} is not a token of the vocabulary (ids 0 to "
+                                 f"{self.vocab_size - 1}): give the id the tokenizer has for it")
 
     @property
     def num_key_value_groups(self) -> int:
@@ -94,18 +103,16 @@ class GemmaAttention(nn.Module):
         if kv_cache is not None:  # lesson 06: continue with every cached key and value of this layer
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, G, L_key, d)
         mask = None if mask is None else mask[:, None]  # (B, 1, L, L_key): the same for every head
-        if return_attention:
-            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, L_key, d)
-            out, weights = eager_attention(q, k, v, mask=mask)  # scale 1 / sqrt(head_dim)
-        else:  # a group's n_rep query heads, stacked as one longer query against their shared key/value head
-            G, T, n = self.num_kv_heads, k.shape[2], self.n_rep * L
-            q_stacked = q.reshape(B, G, n, self.head_dim)  # (B, G, n_rep * L, d): head g * n_rep + r, row r * L + i
-            if mask is not None:
-                mask = mask[:, :, None].expand(B, 1, self.n_rep, L, T).reshape(B, 1, n, T)  # the same rows
-            out = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=mask)  # (B, G, n_rep * L, d)
-            out, weights = out.view(B, self.num_heads, L, self.head_dim), None
-        out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # merge heads
-        return self.o_proj(out), weights
+        # the fast path: a group's n_rep query heads, stacked as one longer query against their shared key/value head
+        G, T, n = self.num_kv_heads, k.shape[2], self.n_rep * L
+        q_stacked = q.reshape(B, G, n, self.head_dim)  # (B, G, n_rep * L, d): head g * n_rep + r, row r * L + i
+        stacked_mask = None if mask is None else mask[:, :, None].expand(B, 1, self.n_rep, L, T).reshape(B, 1, n, T)
+        out = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=stacked_mask)  # (B, G, n_rep * L, d)
+        out = out.view(B, self.num_heads, L, self.head_dim).transpose(1, 2)  # (B, L, H, d)
+        weights = None
+        if return_attention:  # the explicit path, for the weights only: the output stays the fast path's
+            _, weights = eager_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), mask=mask)
+        return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim)), weights  # heads merged, projected
 
 
 class GemmaRMSNorm(nn.Module):

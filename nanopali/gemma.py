@@ -43,7 +43,7 @@ class GemmaModel(nn.Module):
         if token_type_ids is None:  # a plain language model: everything is suffix, the mask is causal
             token_type_ids = torch.ones_like(attention_mask)
         mask = prefix_lm_mask(token_type_ids, attention_mask, num_queries=L)  # (B, L, T)
-        positions = torch.arange(T - L, T, device=inputs_embeds.device)[None].expand(B, L)  # (B, L)
+        positions = attention_mask.long().cumsum(-1)[:, T - L:]  # (B, L): the real tokens up to each, itself included
         cos, sin = self.rotary_emb(inputs_embeds, positions)
         x, all_weights = inputs_embeds, []
         for layer in self.layers:

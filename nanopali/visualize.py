@@ -66,12 +66,13 @@ def _as_image(image) -> Image.Image:
     return to_rgb(image if isinstance(image, Image.Image) else load_image(image))
 
 
-def draw_boxes(image, detections: list[Detection], min_side: int = 448) -> Image.Image:
+def draw_boxes(image, detections: list[Detection], min_side: int = 448, max_side: int = 2048) -> Image.Image:
     """A copy of the image (a path or a PIL image) with each detection's box and label drawn on it. An image whose
     short side is at most half of min_side pixels is first enlarged a whole number of times, nearest neighbour, so
-    that the labels stay legible."""
+    that the labels stay legible, but never past max_side pixels on its long side (so never past max_side squared
+    pixels in all)."""
     image = _as_image(image)
-    scale = max(1, min_side // min(image.size))  # a whole number: each pixel becomes a scale x scale block
+    scale = max(1, min(min_side // min(image.size), max_side // max(image.size)))  # each pixel: a scale x scale block
     image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=max(12, min(image.size) // 28))

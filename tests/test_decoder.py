@@ -132,6 +132,33 @@ def test_config_refuses_heads_that_do_not_group():
         GemmaMLP(GemmaConfig.tiny(hidden_act="relu"))
 
 
+@pytest.mark.parametrize("bad, says", [
+    (dict(rope_theta=0.0), "rope_theta must be a positive, finite number, got 0.0"),
+    (dict(rope_theta=-10000.0), "rope_theta must be a positive, finite number, got -10000.0"),
+    (dict(rope_theta=float("nan")), "rope_theta must be a positive, finite number, got nan"),
+    (dict(rope_theta=float("inf")), "rope_theta must be a positive, finite number, got inf"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps must be a positive, finite number, got 0.0"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be a positive, finite number, got -1e-06"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a positive, finite number, got nan"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps must be a positive, finite number, got inf"),
+    (dict(eos_token_id=1536), r"eos_token_id 1536 is not a token of the vocabulary \(ids 0 to 1535\)"),
+    (dict(eos_token_id=-1), r"eos_token_id -1 is not a token of the vocabulary \(ids 0 to 1535\)"),
+    (dict(pad_token_id=5000), r"pad_token_id 5000 is not a token of the vocabulary \(ids 0 to 1535\)"),
+    (dict(bos_token_id=-2), r"bos_token_id -2 is not a token of the vocabulary \(ids 0 to 1535\)"),
+])
+def test_config_refuses_values_that_would_answer_wrongly_or_never_stop(bad, says):
+    with pytest.raises(ValueError, match=says) as refused:
+        GemmaConfig.tiny(**bad)
+    assert "\n" not in str(refused.value)  # one line
+
+
+def test_config_accepts_the_edges_of_the_vocabulary_and_tiny_positive_values():
+    cfg = GemmaConfig.tiny(eos_token_id=1535, pad_token_id=0, rope_theta=1e-3, rms_norm_eps=1e-30)
+    assert (cfg.eos_token_id, cfg.rms_norm_eps) == (1535, 1e-30)
+    GemmaConfig()  # the reference defaults
+    GemmaConfig.paligemma_3b()
+
+
 # Lesson 05's exercises: each check accepts a right answer and refuses plausible wrong ones.
 
 

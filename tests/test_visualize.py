@@ -9,6 +9,7 @@ import nanopali
 from nanopali.train import make_scene
 from nanopali.visualize import (
     BOX_COLOURS,
+    Answer,
     Detection,
     draw_attention,
     draw_boxes,
@@ -105,6 +106,26 @@ def test_large_photos_are_not_resized(tmp_path):
     assert drawn.size == photo.size
     drawn.save(tmp_path / "boxes.png")
     assert Image.open(tmp_path / "boxes.png").size == photo.size
+
+
+@pytest.mark.parametrize("size", [(8000, 1), (1, 8000)])
+def test_a_thin_image_is_drawn_on_without_being_enlarged_into_gigabytes(size, tmp_path):
+    "Enlarged until its short side is 448 pixels, an 8000 x 1 image would be 3,584,000 x 448: over 4 GB."
+    image = Image.new("RGB", size, "white")
+    drawn = draw_boxes(image, parse_boxes("<loc0000><loc0000><loc1023><loc1023> line", *size)[0])
+    assert drawn.size == size  # its long side is already past max_side: no enlargement at all
+    assert drawn.tobytes() != image.tobytes()  # the box is drawn all the same
+    answer = Answer("red", ["\u2581red", "<eos>"], [5, 1], [], torch.rand(2, 4, 4, 8, 8))
+    draw_attention(image, answer, path=tmp_path / "map.png")
+    with Image.open(tmp_path / "map.png") as png:
+        assert png.width <= 2048 and png.height <= 2048
+
+
+def test_enlargement_stops_at_max_side():
+    drawn = draw_boxes(Image.new("RGB", (100, 1), "white"), [])  # 448 times would make it 44,800 pixels wide
+    assert drawn.size == (2000, 20)  # the largest whole number of times that keeps the long side within 2048
+    assert draw_boxes(Image.new("RGB", (100, 1), "white"), [], max_side=4000).size == (4000, 40)
+    assert draw_boxes(Image.new("RGB", (112, 112), "white"), []).size == (448, 448)  # scenes: as before
 
 
 # ---------------------------------------------------------------- attention maps
