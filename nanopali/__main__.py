@@ -8,7 +8,9 @@ behind a prompt. Without --weights it runs the small model lesson 08 trained (we
 import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -290,10 +292,45 @@ def run(args) -> None:
             print(f"nanopali: error: {e}", file=sys.stderr)
 
 
+INTERRUPTED = []  # set by on_ctrl_c: a Ctrl-C that a library turned into another error is still a Ctrl-C
+
+
+def on_ctrl_c(signum, frame):
+    INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return answer(argv)
+    INTERRUPTED.clear()
+    before = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        return answer(argv)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def answer(argv: list[str] | None) -> int:
+    "The whole run, each way it can end turned into an exit status and at most one line on stderr."
     try:  # everything, imports included: Ctrl-C at any moment gets one line
         args = build_parser().parse_args(argv)
         run(args)
+    except Exception as e:
+        if INTERRUPTED:  # e.g. Ctrl-C in the middle of importing torch, which it may report as another error
+            print("\nnanopali: interrupted", file=sys.stderr)
+            return 130
+        return report(e)
+    except KeyboardInterrupt:
+        print("\nnanopali: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def report(e: Exception) -> int:
+    "One line for an error: the user's mistake, or (a bug of ours) an internal error."
+    try:
+        raise e
     except (UserError, ValueError, OSError) as e:  # FileNotFoundError, lesson 01's ImageFileError, ...
         print(f"nanopali: error: {e}", file=sys.stderr)
         return 1
@@ -301,9 +338,6 @@ def main(argv: list[str] | None = None) -> int:
         print("nanopali: error: out of memory: a 3B model needs about 6 GB free in bfloat16 (--dtype bfloat16)",
               file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nnanopali: interrupted", file=sys.stderr)
-        return 130
     except Exception as e:  # a bug of ours: still one line, unless NANOPALI_DEBUG asks for the traceback
         if os.environ.get("NANOPALI_DEBUG"):
             raise
@@ -314,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanopali: internal error: {type(e).__name__}: {e} (set NANOPALI_DEBUG=1 for the traceback, and "
               "please report it)", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":
