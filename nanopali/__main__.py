@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def check_arguments(args) -> None:
     unused = [flag for flag, value in (("--temperature", args.temperature), ("--top-k", args.top_k),
                                        ("--top-p", args.top_p), ("--seed", args.seed)) if value is not None]
     if unused and not args.sample:
-        raise UserError(f"{', '.join(unused)} only apply when sampling: add --sample (without it the answer is greedy)")
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise UserError(f"{', '.join(unused)} only {verb} when sampling: add --sample (without it the answer is "
+                        "greedy)")
     check_sampling_flags(args)
     check_outputs(args)
 
@@ -143,7 +146,8 @@ def check_sampling_flags(args) -> None:
         check_sampling(args.sample, temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         name, rest = str(e).split(" ", 1)
-        rest = rest.replace("do_sample=False", "leave out --sample")
+        rest = rest.replace("for greedy use do_sample=False", "for greedy decoding leave out --sample")
+        rest = rest.replace("for that, greedy: do_sample=False", "for that, leave out --sample")
         raise UserError(f"--{name.replace('_', '-')} {rest}") from None
 
 
@@ -157,6 +161,9 @@ def check_outputs(args) -> None:
             raise UserError(f"{flag} {str(path)!r}: give a file name ending in .png or .jpg")
         if not path.resolve().parent.is_dir():
             raise UserError(f"{flag} {str(path)!r}: the folder {str(path.parent)!r} does not exist")
+        if not os.access(path.resolve().parent, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {str(path)!r}: cannot write in the folder {str(path.parent)!r} (permission "
+                            "denied): choose a folder you can write to")
         if same_file(path, args.image):
             raise UserError(f"{flag} {str(path)!r} is the input image: writing the picture would destroy it. Give "
                             "another file name")
@@ -179,7 +186,7 @@ def same_file(a: Path, b: Path) -> bool:
 
 def write_picture(path: Path, write) -> None:
     "write(to) writes the picture to a temporary file next to path, which then replaces path in one step."
-    partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+    partial = path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}{path.suffix}")  # a name no one has
     try:
         write(partial)
         os.replace(partial, path)
@@ -316,6 +323,9 @@ def answer(argv: list[str] | None) -> int:
     try:  # everything, imports included: Ctrl-C at any moment gets one line
         args = build_parser().parse_args(argv)
         run(args)
+    except BrokenPipeError:  # the reader went away (python -m nanopali ... | head -1): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush goes nowhere, quietly
+        return 0
     except Exception as e:
         if INTERRUPTED:  # e.g. Ctrl-C in the middle of importing torch, which it may report as another error
             print("\nnanopali: interrupted", file=sys.stderr)

@@ -204,6 +204,11 @@ def check_save_folder(folder: str | Path, overwrite: bool = False) -> Path:
         if target in (here, *here.parents, Path.home().resolve()):
             raise FileExistsError(f"{folder} is or holds the current folder, or is your home folder: overwrite=True "
                                   "would delete all of it. Give the model's own folder")
+        folders = sorted(p.name for p in target.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if folders or not (target / "config.json").is_file():
+            held = f"it holds folders ({', '.join(folders[:3])})" if folders else "it has no config.json"
+            raise FileExistsError(f"{folder} is not a model's folder ({held}): overwrite=True replaces only a "
+                                  "model's own folder, as a whole. Give that folder, or a new one inside this one")
     return target
 
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .bridge import LOC_TOKENS, PaliGemmaProcessor, build_tokenizer
 from .decoder import GemmaConfig
-from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration, generate, save
+from .paligemma import PaliGemmaConfig, PaliGemmaForConditionalGeneration, check_save_folder, generate, save
 from .patches import SiglipVisionConfig, patchify, preprocess_images
 
 SHAPES = ("circle", "square", "triangle", "star")
@@ -594,6 +594,12 @@ def check_output(out: Path, overwrite: bool):
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: cannot write in {folder} (permission denied): choose a folder you can write "
                          "to")
+    if out.name in ("", ".", ".."):
+        raise ValueError(f"--out {out}: give the model's own folder by its name, e.g. runs/my-model")
+    try:  # what the final save will say, said now: e.g. --overwrite on a folder of models, or on the current one
+        check_save_folder(out, overwrite)
+    except FileExistsError as e:
+        raise ValueError(f"--out: {e}".replace("overwrite=True", "--overwrite")) from None
 
 
 def check_command(cfg: TrainConfig, overwrite: bool, threads: int | None, final_scenes: int):

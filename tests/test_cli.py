@@ -325,3 +325,41 @@ def test_a_very_large_image_gets_one_note_not_pillows_warning(capsys, monkeypatc
     captured = capsys.readouterr()
     assert "note: a very large image (12,544 pixels): it takes a while to shrink" in captured.out
     assert captured.err == ""
+
+
+def test_the_temporary_picture_never_takes_the_name_of_a_users_file(tmp_path, capsys):
+    "The picture is written under a fresh name, then renamed: a file named like an old temporary one is untouched."
+    photo = tmp_path / ".att.partial.png"  # the temporary name an earlier version used for att.png
+    photo.write_bytes((REPO / "images" / "scene.png").read_bytes())
+    before = digest(photo)
+    assert main(["--image", str(photo), "--prompt", "what color is the star?", "--attention-map",
+                 str(tmp_path / "att.png")]) == 0
+    assert digest(photo) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".att.partial.png", "att.png"]
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else
+                        real_access(path, mode))  # as a user without write permission (tests may run as root)
+    refuse_to_load(monkeypatch)
+    assert main(["--image", SCENE, "--prompt", "detect star", "--boxes", str(tmp_path / "b.png")]) == 1
+    assert "cannot write in the folder" in one_line_error(capsys)
+
+
+def test_seed_alone_without_sample_is_one_flag_one_verb(capsys):
+    assert main(["--image", SCENE, "--prompt", "caption en", "--seed", "3"]) == 1
+    assert "--seed only applies when sampling: add --sample" in one_line_error(capsys)
+
+
+def test_a_reader_that_stops_early_gets_no_error():
+    "python -m nanopali ... | head -1: the pipe closes under the answer; no 'Broken pipe' error, no traceback."
+    process = subprocess.Popen([sys.executable, "-m", "nanopali", "--image", "images/scene.png", "--prompt",
+                                "caption en"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()
+    process.stdout.close()  # as head does after its line
+    err = process.stderr.read().decode()
+    process.wait(timeout=300)
+    assert err == "" and process.returncode == 0

@@ -418,13 +418,28 @@ def test_save_accepts_an_empty_folder_and_a_new_one(tmp_path, tiny_saveable):
 
 def test_overwrite_replaces_the_whole_folder(good_folder, tiny_saveable):
     (good_folder / "eval.json").write_text("{}")  # describes the old weights, like lesson 08's
-    (good_folder / "notes").mkdir()
-    (good_folder / "notes" / "train_log.jsonl").write_text("{}\n")
+    (good_folder / ".cache").mkdir()  # what `hf download --local-dir` leaves in a model's folder
+    (good_folder / ".cache" / "download.lock").write_text("")
     save(*tiny_saveable, good_folder, overwrite=True)
     assert sorted(os.listdir(good_folder)) == SAVED_FILES  # no old shard, index, eval.json or log survives
     assert os.listdir(good_folder.parent) == [good_folder.name]  # nothing temporary left beside it
     model, _ = load(good_folder, dtype="float32")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_saveable[0].state_dict().values()))
+
+
+def test_overwrite_replaces_only_a_models_own_folder(tmp_path, good_folder, tiny_saveable):
+    "A folder of models (weights/), or of anything else, is never replaced as a whole: nothing in it changes."
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "README.md").write_text("mine")
+    os.rename(good_folder, weights / "model")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for folder, says in [(weights, r"it holds folders \(model\)"), (tmp_path / "notes", "it has no config.json")]:
+        with pytest.raises(FileExistsError, match=f"is not a model's folder \\({says}"):
+            save(*tiny_saveable, folder, overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_overwrite_refuses_the_current_folder(tmp_path, tiny_saveable, monkeypatch):

@@ -322,6 +322,26 @@ def test_a_folder_holding_files_is_refused_before_any_work(tmp_path, monkeypatch
     assert digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_overwrite_never_replaces_a_folder_of_models_or_the_current_folder(tmp_path, monkeypatch, capsys):
+    "--out weights --overwrite (a slip for weights/mine) would delete every model: refused before any work."
+    weights = tmp_path / "weights"
+    (weights / "shipped").mkdir(parents=True)
+    (weights / "shipped" / "config.json").write_text("{}")
+    (weights / "README.md").write_text("mine")
+    before = digest(tmp_path)
+    monkeypatch.setattr(trainer, "build", no_work)
+    monkeypatch.chdir(tmp_path)
+    for out, says in [(str(weights), "is not a model's folder (it holds folders (shipped)): --overwrite replaces "
+                                     "only a model's own folder"),
+                      (".", "give the model's own folder by its name"),
+                      ("..", "give the model's own folder by its name")]:
+        assert main(["--out", out, "--steps", "2", "--overwrite"]) == 1
+        line = one_line(capsys.readouterr().err)
+        assert line.startswith("nanopali.train: error: --out") and says in line, line
+    assert digest(tmp_path) == before
+    assert sorted(p.name for p in weights.iterdir()) == ["README.md", "shipped"]
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainer, "build", no_work)
     (tmp_path / "a-file").write_text("mine")
