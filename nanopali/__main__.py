@@ -339,25 +339,21 @@ def answer(argv: list[str] | None) -> int:
 
 def report(e: Exception) -> int:
     "One line for an error: the user's mistake, or (a bug of ours) an internal error."
-    try:
+    if isinstance(e, (UserError, ValueError, OSError)):  # FileNotFoundError, lesson 01's ImageFileError, ...
+        message = str(e)
+    elif isinstance(e, MemoryError):
+        message = "out of memory: a 3B model needs about 6 GB free in bfloat16 (--dtype bfloat16)"
+    elif type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU
+        message = ("out of GPU memory: use --dtype bfloat16, a smaller checkpoint (224 rather than 448 or 896), or "
+                   "--device cpu")
+    elif os.environ.get("NANOPALI_DEBUG"):  # a bug of ours: the traceback when asked for
         raise e
-    except (UserError, ValueError, OSError) as e:  # FileNotFoundError, lesson 01's ImageFileError, ...
-        print(f"nanopali: error: {e}", file=sys.stderr)
-        return 1
-    except MemoryError:
-        print("nanopali: error: out of memory: a 3B model needs about 6 GB free in bfloat16 (--dtype bfloat16)",
-              file=sys.stderr)
-        return 1
-    except Exception as e:  # a bug of ours: still one line, unless NANOPALI_DEBUG asks for the traceback
-        if os.environ.get("NANOPALI_DEBUG"):
-            raise
-        if type(e).__name__ == "OutOfMemoryError":  # torch's, on a GPU
-            print("nanopali: error: out of GPU memory: use --dtype bfloat16, a smaller checkpoint (224 rather than "
-                  "448 or 896), or --device cpu", file=sys.stderr)
-            return 1
+    else:
         print(f"nanopali: internal error: {type(e).__name__}: {e} (set NANOPALI_DEBUG=1 for the traceback, and "
               "please report it)", file=sys.stderr)
         return 1
+    print(f"nanopali: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
