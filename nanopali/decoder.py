@@ -91,6 +91,7 @@ class GemmaAttention(nn.Module):
         self.k_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(D, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, D, bias=bias)
+        self.scale = self.head_dim**-0.5  # SDPA's own default; lesson 11's Gemma 2 sets another
 
     def forward(self, x, cos, sin, mask=None, kv_cache=None, return_attention=False):
         """x (B, L, D); cos, sin (B, L, head_dim) from GemmaRotaryEmbedding; mask bool (B, L, L_key), True where a
@@ -102,17 +103,25 @@ class GemmaAttention(nn.Module):
         q, k = apply_rope(q, k, cos, sin)
         if kv_cache is not None:  # lesson 06: continue with every cached key and value of this layer
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, G, L_key, d)
+        out, weights = self.attend(q, k, v, mask, return_attention)  # (B, H, L, d)
+        out = out.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)  # heads merged: (B, L, H * d)
+        return self.o_proj(out), weights
+
+    def attend(self, q, k, v, mask=None, return_attention=False):
+        """q (B, H, L, d); k, v (B, G, L_key, d); mask bool (B, L, L_key) -> (output (B, H, L, d), weights or None).
+        Lesson 11's Gemma 2 replaces this method: it soft-caps the scores, which SDPA cannot do."""
+        B, H, L, d = q.shape
         mask = None if mask is None else mask[:, None]  # (B, 1, L, L_key): the same for every head
         # the fast path: a group's n_rep query heads, stacked as one longer query against their shared key/value head
         G, T, n = self.num_kv_heads, k.shape[2], self.n_rep * L
-        q_stacked = q.reshape(B, G, n, self.head_dim)  # (B, G, n_rep * L, d): head g * n_rep + r, row r * L + i
+        q_stacked = q.reshape(B, G, n, d)  # (B, G, n_rep * L, d): head g * n_rep + r, row r * L + i
         stacked_mask = None if mask is None else mask[:, :, None].expand(B, 1, self.n_rep, L, T).reshape(B, 1, n, T)
-        out = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=stacked_mask)  # (B, G, n_rep * L, d)
-        out = out.view(B, self.num_heads, L, self.head_dim).transpose(1, 2)  # (B, L, H, d)
+        out = F.scaled_dot_product_attention(q_stacked, k, v, attn_mask=stacked_mask, scale=self.scale)
         weights = None
         if return_attention:  # the explicit path, for the weights only: the output stays the fast path's
-            _, weights = eager_attention(q, repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep), mask=mask)
-        return self.o_proj(out.reshape(B, L, self.num_heads * self.head_dim)), weights  # heads merged, projected
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # (B, H, L_key, d)
+            _, weights = eager_attention(q, k, v, mask=mask, scale=self.scale)
+        return out.view(B, H, L, d), weights  # (B, G, n_rep * L, d) read back as (B, H, L, d)
 
 
 class GemmaRMSNorm(nn.Module):

@@ -19,11 +19,13 @@ from .rope import GemmaRotaryEmbedding
 class GemmaModel(nn.Module):
     "Token embeddings (scaled), the decoder layers and the final norm."
 
+    decoder_layer = GemmaDecoderLayer  # the class of each layer: lesson 11's Gemma 2 puts its own here
+
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([GemmaDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([self.decoder_layer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = GemmaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = GemmaRotaryEmbedding(config.head_dim, config.rope_theta)
 
@@ -31,6 +33,10 @@ class GemmaModel(nn.Module):
         "Embeddings of text tokens, times sqrt(hidden_size) cast to their dtype first."
         embeds = self.embed_tokens(input_ids)
         return embeds * torch.tensor(self.config.hidden_size**0.5, dtype=embeds.dtype)
+
+    def attention_mask(self, token_type_ids, attention_mask, num_queries: int):
+        "Lesson 03's prefix-LM mask (B, L, T). Lesson 11's Gemma 2 makes one per kind of layer here."
+        return prefix_lm_mask(token_type_ids, attention_mask, num_queries=num_queries)
 
     def forward(self, inputs_embeds, attention_mask, token_type_ids=None, kv_cache=None, return_attention=False,
                 last_only=False):
@@ -42,7 +48,7 @@ class GemmaModel(nn.Module):
         T = attention_mask.shape[1]
         if token_type_ids is None:  # a plain language model: everything is suffix, the mask is causal
             token_type_ids = torch.ones_like(attention_mask)
-        mask = prefix_lm_mask(token_type_ids, attention_mask, num_queries=L)  # (B, L, T)
+        mask = self.attention_mask(token_type_ids, attention_mask, L)  # (B, L, T)
         positions = attention_mask.long().cumsum(-1)[:, T - L:]  # (B, L): the real tokens up to each, itself included
         cos, sin = self.rotary_emb(inputs_embeds, positions)
         x, all_weights = inputs_embeds, []
@@ -55,10 +61,12 @@ class GemmaModel(nn.Module):
 class GemmaForCausalLM(nn.Module):
     "GemmaModel plus the output head, tied to the embedding table: logits (B, L, vocab_size)."
 
+    model_class = GemmaModel  # lesson 11's Gemma 2 puts its own here
+
     def __init__(self, config: GemmaConfig):
         super().__init__()
         self.config = config
-        self.model = GemmaModel(config)
+        self.model = self.model_class(config)
         self.output_head = None  # None: the tied embedding table. Lesson 10 may put an int8 copy of it here
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None,
@@ -81,11 +89,14 @@ class GemmaForCausalLM(nn.Module):
                                      last_only)
         if last_only:
             hidden = hidden[:, -1:]  # (B, 1, D): the only position whose prediction generation needs
-        if self.output_head is None:
-            logits = F.linear(hidden, self.model.embed_tokens.weight)  # tied head: (B, L, vocab)
-        else:
-            logits = self.output_head(hidden)
+        logits = self.logits(hidden)
         return (logits, weights) if return_attention else logits
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        "Final hidden states (B, L, D) -> logits (B, L, vocab). Lesson 11's Gemma 2 caps them here."
+        if self.output_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight)  # tied head: (B, L, vocab)
+        return self.output_head(hidden)
 
 
 class KVCache:

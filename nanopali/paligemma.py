@@ -4,13 +4,16 @@
 """The vision tower, the projector and Gemma in one model; loading any PaliGemma folder; answering about images."""
 
 
+import importlib
 import json
 import math
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,6 +43,24 @@ PALIGEMMA_3B_PT_224_CONFIG = {
 }
 
 
+class TextModel(NamedTuple):
+    "What a text_config's model_type builds: its config class, its model class, and the defaults older files assume."
+
+    config: type
+    model: type
+    # transformers_version of the file (or None) -> {field: value} where that version's defaults differ from ours
+    older_defaults: Callable[[str | None], dict] = lambda version: {}
+
+
+TEXT_MODELS = {"gemma": TextModel(GemmaConfig, GemmaForCausalLM)}  # lesson 11 adds "gemma2", PaliGemma 2's
+LATER_TEXT_MODELS = {"gemma2": "nanopali.gemma2"}  # built in later lessons: imported when a config.json asks
+
+
+def text_model_type(config) -> str:
+    "The model_type of a text config: 'gemma' for a GemmaConfig."
+    return next(name for name, kind in TEXT_MODELS.items() if type(config) is kind.config)
+
+
 @dataclass
 class PaliGemmaConfig:
     "The whole model: SigLIP's config, Gemma's config, and the id of the <image> token."
@@ -53,7 +74,13 @@ class PaliGemmaConfig:
         "Read a config.json's content; missing fields take the reference's defaults (our dataclasses' defaults)."
         vision, text = _normalised(config)  # the two halves, checked, in today's spelling (below)
         vision_config = SiglipVisionConfig(**_checked(SiglipVisionConfig, vision, "vision_config"))
-        text_config = GemmaConfig(**_checked(GemmaConfig, text, "text_config"))
+        kind = TEXT_MODELS[text.get("model_type", "gemma")]  # Gemma (lesson 11: or Gemma 2)
+        text = {**kind.older_defaults(config.get("transformers_version")), **text}
+        text_config = kind.config(**_checked(kind.config, text, "text_config"))
+        for part in ("vision_config", "text_config"):
+            if part not in config:
+                raise ValueError(f"it has no {part}: a PaliGemma config.json describes both its vision and its text "
+                                 "model. The file is incomplete: download it again")
         projection = config.get("projection_dim", vision.get("projection_dim", text_config.hidden_size))
         if projection != text_config.hidden_size:
             raise ValueError(f"projection_dim {projection} differs from the text model's hidden_size "
@@ -64,7 +91,8 @@ class PaliGemmaConfig:
         "A complete config.json that nanopali and the reference implementation both read."
         vision = {**asdict(self.vision), "model_type": "siglip_vision_model", "vision_use_head": False,
                   "projection_dim": self.text.hidden_size, "num_image_tokens": self.vision.num_patches}
-        text = {**asdict(self.text), "model_type": "gemma", "num_image_tokens": self.vision.num_patches,
+        text = {**asdict(self.text), "model_type": text_model_type(self.text), "num_image_tokens": self.vision.num_patches,
+                "hidden_activation": self.text.hidden_act,  # Gemma 2's name for hidden_act
                 "rope_parameters": {"rope_type": "default", "rope_theta": self.text.rope_theta}}
         return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
                 "image_token_index": self.image_token_index, "projection_dim": self.text.hidden_size,
@@ -75,16 +103,20 @@ class PaliGemmaConfig:
 
 def _normalised(config: dict) -> tuple[dict, dict]:
     """config.json's vision_config and text_config, checked, with the spellings of older and newer transformers
-    turned into the ones our dataclasses use. Refuses what nanopali cannot build (PaliGemma 2, a pooling head)."""
+    turned into the ones our dataclasses use. Refuses what nanopali cannot build (another text model, a pooling head)."""
     for part in ("vision_config", "text_config"):
         if not isinstance(config.get(part, {}), dict):
             raise ValueError(f"{part} must be a JSON object, got {config[part]!r}")
     if config.get("model_type", "paligemma") != "paligemma":
-        raise ValueError(f"model_type is {config['model_type']!r}: this is not a PaliGemma checkpoint")
+        raise ValueError(f"model_type is {config['model_type']!r}: this is not a PaliGemma checkpoint (nanopali reads "
+                         "PaliGemma and PaliGemma 2 folders, whose model_type is 'paligemma')")
     vision, text = dict(config.get("vision_config", {})), dict(config.get("text_config", {}))
-    if text.get("model_type", "gemma") != "gemma":
-        raise ValueError(f"text model {text['model_type']!r} is not supported: nanopali builds PaliGemma 1, whose "
-                         "text model is Gemma (PaliGemma 2 uses Gemma 2)")
+    if text.get("model_type") in LATER_TEXT_MODELS and text["model_type"] not in TEXT_MODELS:  # lesson 11 adds it
+        importlib.import_module(LATER_TEXT_MODELS[text["model_type"]])
+    if text.get("model_type", "gemma") not in TEXT_MODELS:
+        known = " and ".join(repr(name) for name in TEXT_MODELS)
+        raise ValueError(f"text model {text['model_type']!r} is not supported: nanopali builds PaliGemma with the text "
+                         f"models {known} (PaliGemma 1 uses 'gemma', PaliGemma 2 'gemma2')")
     if vision.get("vision_use_head", False):
         raise ValueError("vision_config.vision_use_head is true: PaliGemma's SigLIP has no pooling head")
     if "rope_parameters" in text:  # newer transformers nest rope_theta
@@ -105,6 +137,9 @@ def _checked(cls, settings: dict, where: str) -> dict:
         if f.name not in settings:
             continue
         value, kind = settings[f.name], type(f.default)
+        if f.default is None or (value is None and "None" in str(f.type)):  # optional: the dataclass checks it
+            picked[f.name] = value
+            continue
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -125,7 +160,7 @@ class PaliGemmaForConditionalGeneration(nn.Module):
         self.config = config
         self.vision_tower = SiglipVisionModel(config.vision)
         self.multi_modal_projector = PaliGemmaMultiModalProjector(config.vision.hidden_size, config.text.hidden_size)
-        self.language_model = GemmaForCausalLM(config.text)
+        self.language_model = TEXT_MODELS[text_model_type(config.text)].model(config.text)  # Gemma (or Gemma 2)
 
     def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         "Token embeddings (B, L, D) with each image's projected features in its <image> slots."
