@@ -2,7 +2,7 @@
 
 Hand-written (no notebook exports it): lesson 07's `load` and `generate`, and lesson 09's boxes and attention maps,
 behind a prompt. Without --weights it runs the small model lesson 08 trained (weights/nanopali-shapes); with
---weights DIR it runs any PaliGemma 1 folder, such as a real checkpoint downloaded into weights/.
+--weights DIR it runs any PaliGemma 1 or PaliGemma 2 folder, such as a real checkpoint downloaded into weights/.
 """
 
 import argparse
@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   python -m nanopali --image images/scene.png --prompt "what color is the star?" --attention-map attention.png
   python -m nanopali --image images/scene.png --prompt "detect star ; circle" --boxes boxes.png
   python -m nanopali --weights weights/paligemma-3b-mix-224 --image images/chelsea.png --prompt "caption en"
+  python -m nanopali --weights weights/paligemma2-3b-mix-224 --image images/chelsea.png --prompt "caption en" --int8
 
 prompts: PaliGemma's task prompts, "caption en", "describe en", "answer en QUESTION", "question en ANSWER",
 "detect THING ; OTHER", "segment THING", "ocr" (en: the language). Anything else is asked as "answer en ...".
