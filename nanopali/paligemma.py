@@ -91,7 +91,8 @@ class PaliGemmaConfig:
         "A complete config.json that nanopali and the reference implementation both read."
         vision = {**asdict(self.vision), "model_type": "siglip_vision_model", "vision_use_head": False,
                   "projection_dim": self.text.hidden_size, "num_image_tokens": self.vision.num_patches}
-        text = {**asdict(self.text), "model_type": text_model_type(self.text), "num_image_tokens": self.vision.num_patches,
+        text = {**asdict(self.text), "model_type": text_model_type(self.text),
+                "num_image_tokens": self.vision.num_patches,
                 "hidden_activation": self.text.hidden_act,  # Gemma 2's name for hidden_act
                 "rope_parameters": {"rope_type": "default", "rope_theta": self.text.rope_theta}}
         return {"architectures": ["PaliGemmaForConditionalGeneration"], "model_type": "paligemma",
@@ -103,7 +104,7 @@ class PaliGemmaConfig:
 
 def _normalised(config: dict) -> tuple[dict, dict]:
     """config.json's vision_config and text_config, checked, with the spellings of older and newer transformers
-    turned into the ones our dataclasses use. Refuses what nanopali cannot build (another text model, a pooling head)."""
+    turned into the ones our dataclasses use. Refuses what nanopali cannot build (other text models, a pooling head)."""
     for part in ("vision_config", "text_config"):
         if not isinstance(config.get(part, {}), dict):
             raise ValueError(f"{part} must be a JSON object, got {config[part]!r}")

@@ -45,8 +45,9 @@ class Int8Linear(nn.Module):
             out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight_int8, scale)
         else:  # many rows (a prefill), or another width or device: convert the weight, then an ordinary product
             key = (self.weight_int8.numel(), x.dtype, x.device)
-            if key not in _SCRATCH:
-                _SCRATCH[key] = torch.empty(key[0], dtype=x.dtype, device=x.device)
+            if key not in _SCRATCH:  # made outside inference mode, so that later passes outside it may write to it
+                with torch.inference_mode(False):
+                    _SCRATCH[key] = torch.empty(key[0], dtype=x.dtype, device=x.device)
             weight = _SCRATCH[key].view(self.weight_int8.shape).copy_(self.weight_int8)
             out = F.linear(x, weight) * scale  # the scale multiplies the outputs (10.2, step 3)
         if self.bias is not None:

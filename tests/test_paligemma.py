@@ -276,12 +276,18 @@ def test_untied_head_is_refused(tmp_path, tokenizer, reference):
         load(folder)
 
 
-def test_paligemma_2_is_refused_clearly(good_folder):
+@pytest.mark.parametrize("model_type, says", [
+    ("gemma3", "model_type is 'gemma3': this is not a PaliGemma checkpoint"),  # a Gemma 3 folder, as published
+    ("paligemma", "text model 'gemma3_text' is not supported"),  # a PaliGemma with a Gemma 3 text model
+])
+def test_a_gemma_3_based_config_is_refused_in_one_line(good_folder, model_type, says):
     config = json.loads((good_folder / "config.json").read_text())
-    config["text_config"]["model_type"] = "gemma2"
+    config["model_type"] = model_type
+    config["text_config"]["model_type"] = "gemma3_text"
     (good_folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="'gemma2' is not supported"):
+    with pytest.raises(ValueError, match=f"^{re.escape(str(good_folder / 'config.json'))}: {re.escape(says)}") as error:
         load(good_folder)
+    assert "\n" not in str(error.value)
 
 
 def test_float16_on_cpu_and_unavailable_devices_are_refused(good_folder):

@@ -51,6 +51,18 @@ def test_widths_the_kernel_cannot_take_use_the_safe_path():
     torch.testing.assert_close(layer(x), linear(x), atol=0.05, rtol=0.05)
 
 
+def test_a_layer_first_run_in_inference_mode_still_runs_outside_it():
+    "The shared buffer of the many-rows path is made once; made under inference_mode, later passes could not write it."
+    torch.manual_seed(0)
+    layer = Int8Linear(nn.Linear(64, 48).weight)
+    x = torch.randn(32, 64)  # 32 rows: the path that converts the weights into the buffer
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        second = layer(x)
+    assert torch.equal(first, second)
+
+
 def test_a_quantized_gemma_generates_alike_with_and_without_the_cache():
     torch.manual_seed(0)
     model = GemmaForCausalLM(GemmaConfig.tiny(num_key_value_heads=2)).eval()

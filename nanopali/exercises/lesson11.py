@@ -23,16 +23,38 @@ def check_uncap(uncap) -> str:
         assert error < 1e-6 * cap, (
             f"cap {cap:g}: uncap(soft_cap(x)) is up to {error:.3g} away from x: cap * atanh(y / cap) undoes it")
     small = torch.tensor([0.5, -3.0, 20.0])
-    assert torch.allclose(uncap(soft_cap(small, 50.0), 50.0), small, atol=1e-4), "float32 values near 0 come back"
-    # in float32, what the cap leaves of large logits: how many of 100, 101, ..., 200 stay distinct after capping at 30
-    logits = torch.arange(100.0, 201.0)
-    distinct = soft_cap(logits, 30.0).unique().numel()
-    return (f"uncap undoes soft_cap for caps 50, 30 and 5. In float32, the 101 logits 100, 101, ..., 200 capped at 30 "
-            f"give only {distinct} distinct number(s): beyond a few times the cap, capping forgets which was larger")
+    got = uncap(soft_cap(small, 50.0), 50.0)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32, (
+        f"a float32 input gave {getattr(got, 'dtype', type(got).__name__)}: keep y's dtype")
+    assert torch.allclose(got, small, atol=1e-4), (
+        f"cap 50, float32: uncap(soft_cap(x)) gave {[round(v, 4) for v in got.tolist()]} for x = {small.tolist()}")
+    # what float32 leaves of large logits: from about 9 times the cap (270 for 30), tanh rounds to exactly 1
+    logits = torch.arange(300.0, 1001.0)  # 701 different logits, 10 to 33 times the cap of 30
+    flat = int((soft_cap(logits, 30.0) == 30.0).sum())
+    return (f"uncap undoes soft_cap for caps 50, 30 and 5, in float64 and float32. In float32, {flat} of the "
+            f"{logits.numel()} whole logits from 300 to 1000 come out of soft_cap(x, 30) as exactly 30.0: far enough "
+            "past the cap, capping forgets which logit was larger, and no uncap can tell them apart")
 
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _parameter_hint(config, got: int, expected: int) -> str:
+    "What a count that is off by this much most likely forgot or doubled ('' when nothing fits)."
+    D, L, H, d = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim
+    if got - expected == config.vocab_size * D:
+        return ": the head is tied to the embedding table, count the table once"
+    if expected - got in (L * D, 2 * L * D, 3 * L * D):
+        return ": each layer has four norms of hidden_size (before and after attention, before and after the MLP)"
+    if expected - got == D:
+        return ": the final norm has hidden_size parameters too"
+    if got - expected == 2 * L * D * (D - H * d):  # q_proj and o_proj counted as hidden_size x hidden_size
+        return (": q_proj has num_attention_heads * head_dim outputs (o_proj as many inputs), which need not be "
+                f"hidden_size: here {H} x {d} = {H * d}, against {D}")
+    if D % H == 0 and got - expected == 2 * L * D * (H + config.num_key_value_heads) * (D // H - d):
+        return f": head_dim is the config's {d}, not hidden_size // num_attention_heads = {D // H}"
+    return ""
 
 
 @exercise("11.2")
@@ -47,16 +69,7 @@ def check_gemma2_parameters(gemma2_parameters) -> str:
             expected = _count(Gemma2ForCausalLM(config))
         got = gemma2_parameters(config)
         assert isinstance(got, int) and not isinstance(got, bool), f"return a whole number (int), got {got!r}"
-        if got != expected:
-            D, L = config.hidden_size, config.num_hidden_layers
-            hint = ""
-            if got - expected == config.vocab_size * D:
-                hint = ": the head is tied to the embedding, count the table once"
-            elif (expected - got) % (L * D) == 0 and (expected - got) // (L * D) in (1, 2):
-                hint = ": each layer has four norms (and the final norm is one more)"
-            elif got == expected - D:
-                hint = ": the final norm has hidden_size parameters too"
-            assert False, f"{name}: {got:,}, expected {expected:,}{hint}"
+        assert got == expected, f"{name}: {got:,}, expected {expected:,}{_parameter_hint(config, got, expected)}"
         found[name] = got
     return (f"3B text model {found['3b']:,}, 10B {found['10b']:,}, 28B {found['28b']:,}, and two small configs, "
             "equal to the models built on the meta device")
@@ -65,6 +78,16 @@ def check_gemma2_parameters(gemma2_parameters) -> str:
 def _gemma2_masks(token_type_ids, attention_mask, window):
     "What Gemma2Model.attention_mask gives its sliding layers, for all T queries."
     return sliding_window_mask(prefix_lm_mask(token_type_ids, attention_mask), token_type_ids, window)
+
+
+def _kind(types, mask, b, k) -> str:
+    "How the rules see token k of row b: 'prefix' or 'text', and whether it is padding."
+    return ("prefix" if types[b, k] == 0 else "text") + (", padding" if mask[b, k] == 0 else "")
+
+
+def _where(i, j) -> str:
+    "Where key j is, seen from query i."
+    return "itself" if i == j else (f"{i - j} back" if j < i else f"{j - i} ahead")
 
 
 @exercise("11.3")
@@ -86,8 +109,9 @@ def check_sliding_mask_by_rules(sliding_mask_by_rules) -> str:
             got = got.bool()
             if not torch.equal(got, expected):
                 b, i, j = (got != expected).nonzero()[0].tolist()
-                assert False, (f"T={T}, window={window}, row {b} (types {types[b].tolist()}, attention_mask "
-                               f"{mask[b].tolist()}): query {i}, key {j} is {bool(got[b, i, j])}, expected "
-                               f"{bool(expected[b, i, j])}")
+                raise AssertionError(
+                    f"T={T}, window={window}, row {b} (types {types[b].tolist()}, attention_mask {mask[b].tolist()}): "
+                    f"query {i} ({_kind(types, mask, b, i)}), key {j} ({_kind(types, mask, b, j)}, {_where(i, j)}) "
+                    f"is {bool(got[b, i, j])}, expected {bool(expected[b, i, j])}")
             cases += 1
     return f"equal to Gemma2Model's sliding mask on {cases} random batches (lengths 1-9, windows 1-20, padding)"
