@@ -325,7 +325,10 @@ def test_a_tokenizer_that_does_not_belong_to_the_config_is_refused(good_folder):
                                               ('{"text_config": {"hidden_size": "64"}}',
                                                "text_config.hidden_size is '64': expected a positive whole number"),
                                               ('{"text_config": {"num_key_value_heads": 0}}',
-                                               "num_key_value_heads is 0: expected a positive whole number")])
+                                               "num_key_value_heads is 0: expected a positive whole number"),
+                                              ('{"text_config": {"model_type": "gemma2"}}',
+                                               "it has no vision_config: a PaliGemma config.json describes both"),
+                                              ('{"vision_config": {}}', "it has no text_config")])
 def test_damaged_config_json_is_named(good_folder, content, message):
     (good_folder / "config.json").write_text(content)
     with pytest.raises(ValueError, match=message):
