@@ -570,11 +570,7 @@ def test_ctrl_c_on_the_command_line_is_one_line_not_a_traceback(tmp_path):
     while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     run.send_signal(signal.SIGINT)
-    try:
-        _, stderr = run.communicate(timeout=60)
-    except subprocess.TimeoutExpired:  # once in CI a single Ctrl-C was lost (see the closing note of issue 16):
-        run.send_signal(signal.SIGINT)  # a user presses it again, and the same one line must come out
-        _, stderr = run.communicate(timeout=60)
+    _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
