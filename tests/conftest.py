@@ -24,13 +24,20 @@ def photos() -> list[Path]:
 
 
 def reference_gemma_config(cfg, attn_implementation: str = "eager"):
-    "transformers' GemmaConfig with the same settings as our GemmaConfig cfg (for the parity tests)."
+    """transformers' GemmaConfig with the same settings as our GemmaConfig cfg (for the parity tests); for lesson 11's
+    Gemma2Config, transformers' Gemma2Config with its five settings too."""
     import transformers
 
-    return transformers.GemmaConfig(
+    settings = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
         max_position_embeddings=cfg.max_position_embeddings, pad_token_id=cfg.pad_token_id,
         eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation=attn_implementation)
+    if not hasattr(cfg, "query_pre_attn_scalar"):
+        return transformers.GemmaConfig(**settings)
+    return transformers.Gemma2Config(
+        **settings, query_pre_attn_scalar=cfg.query_pre_attn_scalar, attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping, sliding_window=cfg.sliding_window,
+        layer_types=cfg.layer_types)

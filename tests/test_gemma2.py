@@ -28,6 +28,8 @@ from nanopali.patches import SiglipVisionConfig
 from nanopali.quantize import Int8Linear, quantize_int8
 from nanopali.visualize import generate_with_attention
 
+from conftest import reference_gemma_config
+
 transformers = pytest.importorskip("transformers")
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -128,24 +130,11 @@ def test_greedy_answers_equal_reference_generate(folders):
 # ---------------------------------------------------------------- a sliding window shorter than the sequence
 
 
-def reference_gemma2_config(cfg: Gemma2Config):
-    "transformers' Gemma2Config with the settings of our Gemma2Config cfg."
-    return transformers.Gemma2Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-        query_pre_attn_scalar=cfg.query_pre_attn_scalar, attn_logit_softcapping=cfg.attn_logit_softcapping,
-        final_logit_softcapping=cfg.final_logit_softcapping, sliding_window=cfg.sliding_window,
-        layer_types=cfg.layer_types, max_position_embeddings=cfg.max_position_embeddings,
-        pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id, bos_token_id=cfg.bos_token_id,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, attn_implementation="eager")
-
-
 def gemma2_pair(window: int, std: float | None = None):
     "transformers' Gemma2ForCausalLM and ours with the same weights (its initialisation, or normal(0, std))."
     config = Gemma2Config.tiny(sliding_window=window)
     torch.manual_seed(0)
-    reference = transformers.Gemma2ForCausalLM(reference_gemma2_config(config)).eval()
+    reference = transformers.Gemma2ForCausalLM(reference_gemma_config(config)).eval()
     if std is not None:
         with torch.no_grad():
             for name, p in reference.named_parameters():
