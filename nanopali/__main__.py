@@ -26,6 +26,7 @@ EXAMPLES = """examples:
       the shipped model; asks "Ask anything:" until an empty line or Ctrl-D
   python -m nanopali --image images/scene.png --prompt "what color is the star?" --attention-map attention.png
   python -m nanopali --image images/scene.png --prompt "detect star ; circle" --boxes boxes.png
+  python -m nanopali --image images/scene.png --prompt "segment star" --masks masks.png
   python -m nanopali --weights weights/paligemma-3b-mix-224 --image images/chelsea.png --prompt "caption en"
   python -m nanopali --weights weights/paligemma2-3b-mix-224 --image images/chelsea.png --prompt "caption en" --int8
 
@@ -78,9 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--boxes", type=Path, metavar="OUT.png",
                         help="for a 'detect ...' prompt: write the image with the boxes found (overwritten by each "
                              "answer in the loop)")
+    parser.add_argument("--masks", type=Path, metavar="OUT.png",
+                        help="for a 'segment ...' prompt: write the image with the masks found (lesson 12), decoded "
+                             "by the mask VQ-VAE in the --weights folder or --mask-decoder")
+    parser.add_argument("--mask-decoder", type=Path, metavar="FILE.npz",
+                        help="the mask VQ-VAE for --masks (default: the one .npz file in the --weights folder; for a "
+                             "real PaliGemma, big_vision's vae-oid.npz)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="let --attention-map and --boxes replace files that already exist (without it they are "
-                             "refused before anything runs; the input image is never replaced)")
+                        help="let --attention-map, --boxes and --masks replace files that already exist (without it "
+                             "they are refused before anything runs; the input image is never replaced)")
     return parser
 
 
@@ -118,6 +125,7 @@ def check_arguments(args) -> None:
                         "greedy)")
     check_sampling_flags(args)
     check_outputs(args)
+    check_mask_decoder(args)
 
 
 def is_utf8(text: str) -> bool:
@@ -155,8 +163,8 @@ def check_sampling_flags(args) -> None:
 def check_outputs(args) -> None:
     """The pictures to write: a .png or .jpg in an existing folder, never the input image nor each other, and not an
     existing file unless --overwrite says so."""
-    outputs = [(flag, path) for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes))
-               if path is not None]
+    outputs = [(flag, path) for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes),
+                                               ("--masks", args.masks)) if path is not None]
     for flag, path in outputs:
         if path.suffix.lower() not in PICTURE_TYPES:
             raise UserError(f"{flag} {str(path)!r}: give a file name ending in .png or .jpg")
@@ -173,8 +181,26 @@ def check_outputs(args) -> None:
         if path.exists() and not args.overwrite:
             raise UserError(f"{flag} {str(path)!r} already exists: add --overwrite to replace it, or give another "
                             "file name")
-    if len(outputs) == 2 and same_file(outputs[0][1], outputs[1][1]):
-        raise UserError("--attention-map and --boxes name the same file: give each its own")
+    for i, (flag, path) in enumerate(outputs):
+        for other, other_path in outputs[i + 1:]:
+            if same_file(path, other_path):
+                raise UserError(f"{flag} and {other} name the same file: give each its own")
+
+
+def check_mask_decoder(args) -> None:
+    "--masks needs a mask VQ-VAE: the one .npz in the weights folder, or --mask-decoder; found before the model loads."
+    if args.mask_decoder is not None and args.masks is None:
+        raise UserError("--mask-decoder is only used with --masks: add --masks OUT.png, or leave it out")
+    if args.masks is None:
+        return
+    from .segmentation import find_vae_file
+
+    where = args.mask_decoder if args.mask_decoder is not None else args.weights
+    try:
+        args.mask_decoder = find_vae_file(where)
+    except FileNotFoundError as e:
+        raise UserError(f"--masks needs the mask VQ-VAE: {e}" + ("" if args.mask_decoder is not None else
+                        "; or give it with --mask-decoder FILE.npz")) from None
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -205,9 +231,10 @@ def as_prompt(text: str) -> str:
     return " ".join([w.lower() for w in words[:keep_case]] + words[keep_case:])
 
 
-def ask(model, processor, image, prompt: str, args) -> None:
-    """Answer one prompt, print the answer and its time, write the requested pictures. The answer always comes from
-    generate_with_attention, so that asking for the map never changes the answer it explains."""
+def ask(model, processor, image, prompt: str, args, mask_decoder=None) -> None:
+    """Answer one prompt, print the answer and its time, write the requested pictures (masks with mask_decoder, the
+    VQ-VAE of lesson 12). The answer always comes from generate_with_attention, so that asking for the map never
+    changes the answer it explains."""
     from .visualize import LOC_PATTERN, draw_attention, draw_boxes, generate_with_attention, parse_boxes
 
     temperature = 1.0 if args.temperature is None else args.temperature
@@ -237,6 +264,27 @@ def ask(model, processor, image, prompt: str, args) -> None:
             print(f"  {len(detections)} box(es) drawn: {args.boxes}")
         else:
             print(f"  no box could be read, nothing written to {args.boxes}")
+    if args.masks is not None:
+        write_masks(image, text, prompt, args.masks, mask_decoder)
+
+
+def write_masks(image, text: str, prompt: str, path: Path, decoder) -> None:
+    "The masks of a segmentation answer drawn on the image, or one line saying why there are none."
+    from .segmentation import draw_segments, parse_segments
+
+    if "<seg" not in text:
+        hint = "" if prompt.startswith("segment ") else ": ask 'segment THING' to get some"
+        print(f"  no masks in this answer{hint} (nothing written to {path})")
+        return
+    segments, problems = parse_segments(text, *image.size, decoder)
+    for problem in problems:
+        print(f"  could not read a mask: {problem}")
+    if segments:
+        write_picture(path, draw_segments(image, segments).save)
+        sizes = ", ".join(f"{s.label}: {int(s.mask.sum())} pixels" for s in segments)
+        print(f"  {len(segments)} mask(s) drawn ({sizes}): {path}")
+    else:
+        print(f"  no mask could be read, nothing written to {path}")
 
 
 def run(args) -> None:
@@ -274,13 +322,19 @@ def run(args) -> None:
     if args.weights.resolve() == SHIPPED and image.size != processor.image_size[::-1]:
         print("note: the shipped model has only ever seen 112 x 112 scenes of coloured shapes, like images/scene.png; "
               "on other pictures its answers mean nothing. For photos, use a real PaliGemma (--weights).")
+    mask_decoder = None
+    if args.masks is not None:
+        from .segmentation import load_mask_decoder
+
+        mask_decoder = load_mask_decoder(args.mask_decoder)
+        print(f"mask decoder: {args.mask_decoder} ({mask_decoder.config.num_codes} codes)")
     if args.prompt is not None:
-        ask(model, processor, image, as_prompt(args.prompt), args)
+        ask(model, processor, image, as_prompt(args.prompt), args, mask_decoder)
         return
     print("Ask about the image: 'caption en', 'detect THING', or any question. An empty line or Ctrl-D ends.")
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 get a message, instead of ending the loop
         sys.stdin.reconfigure(errors="surrogateescape")
-    for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes)):
+    for flag, path in (("--attention-map", args.attention_map), ("--boxes", args.boxes), ("--masks", args.masks)):
         if path is not None:
             print(f"({flag}: each answer overwrites {path})")
     while True:
@@ -295,7 +349,7 @@ def run(args) -> None:
             print("nanopali: error: that line is not valid UTF-8 text: type it again", file=sys.stderr)
             continue
         try:
-            ask(model, processor, image, as_prompt(line), args)
+            ask(model, processor, image, as_prompt(line), args, mask_decoder)
         except ValueError as e:  # e.g. a prompt too long for the model: say so and go on
             print(f"nanopali: error: {e}", file=sys.stderr)
 

@@ -58,9 +58,10 @@ def _outline(shape: str, x0: float, y0: float, side: float) -> list:
             for k, r in enumerate(radii)]
 
 
-def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int = 3):
+def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int = 3, with_masks: bool = False):
     """A light, slightly noisy background with 1..max_objects shapes of distinct shapes and colours at random
-    non-overlapping places. Returns (PIL image, objects sorted left to right)."""
+    non-overlapping places. Returns (PIL image, objects sorted left to right), and with_masks=True (lesson 12) adds
+    each object's mask: a uint8 array (image_size, image_size), 255 where it painted that object, 0 elsewhere."""
     if not 1 <= max_objects <= len(SHAPES):
         raise ValueError(f"max_objects must be between 1 and {len(SHAPES)}: shapes are unique within a scene")
     n = int(rng.integers(1, max_objects + 1))
@@ -69,11 +70,11 @@ def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int
     background = rng.integers(225, 246)
     pixels = background + rng.normal(0, 5, size=(image_size, image_size, 1))
     image = Image.fromarray(np.clip(pixels.repeat(3, axis=2), 0, 255).astype(np.uint8))
-    objects, tries = [], 0
+    objects, masks, tries = [], [], 0
     while len(objects) < n:
         tries += 1
         if tries % 100 == 0:  # the shapes placed so far leave no room: start the layout again
-            objects, image = [], Image.fromarray(np.clip(pixels.repeat(3, axis=2), 0, 255).astype(np.uint8))
+            objects, masks, image = [], [], Image.fromarray(np.clip(pixels.repeat(3, axis=2), 0, 255).astype(np.uint8))
         size = "large" if rng.random() < 0.5 else "small"
         side = int(image_size * rng.uniform(*SIZES[size]))
         x0, y0 = (int(v) for v in rng.integers(1, image_size - side, size=2))
@@ -94,7 +95,11 @@ def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int
         image.paste(COLOURS[colour], mask=mask)
         left, top, right, bottom = mask.getbbox()  # the tight box of the painted pixels
         objects.append(SceneObject(shape, colour, size, (top, left, bottom, right)))
-    return image, sorted(objects, key=lambda o: o.box[1] + o.box[3])  # left to right, by the box's centre
+        masks.append(np.asarray(mask))
+    order = sorted(range(n), key=lambda i: objects[i].box[1] + objects[i].box[3])  # left to right, by box centre
+    if with_masks:
+        return image, [objects[i] for i in order], [masks[i] for i in order]
+    return image, [objects[i] for i in order]
 
 
 def loc_tokens(box, image_size: int) -> str:
