@@ -68,14 +68,14 @@ class MaskVAEConfig:
 
     num_codes: int = 128  # the codebook: one code per <segNNN> token
     code_dim: int = 64  # the length of each code vector
-    width: int = 64  # channels of the residual blocks; the decoder halves them at each upsampling: 64, 32, 16, 8
+    width: int = 64  # channels of the residual blocks; the decoder's upsamplings give 64, 32, 16, 8
     encoder_widths: tuple = (8, 16, 32, 64)  # channels after each of the encoder's four stride-2 convolutions
     kernel: int = 4  # the kernel of those four convolutions
 
     @classmethod
     def vae_oid(cls, encoder_widths: tuple = (16, 32, 64, 128), kernel: int = 4) -> "MaskVAEConfig":
         """big_vision's decoder sizes (128 codes of 512, width 128, fixed in its code). Its encoder's sizes are not in
-        its code: load_mask_decoder reads them from the file."""
+        its code (these defaults are a guess): load_mask_decoder reads them from the file."""
         return cls(128, 512, 128, tuple(encoder_widths), kernel)
 
 
@@ -271,7 +271,8 @@ def segment_text(vae: MaskVQVAE, objects, masks, image_size: int) -> str:
 
 @dataclass
 class Segment:
-    "One object segmented: its label, its box (y_min, x_min, y_max, x_max) in pixels, its mask (height, width) bool."
+    """One object segmented: its label, its box (y_min, x_min, y_max, x_max) in pixels as the location tokens say
+    (not rounded: the mask covers the whole pixels int() gives), its mask (height, width) bool."""
 
     label: str
     box: tuple
