@@ -194,15 +194,16 @@ def save_mask_vae(vae: MaskVQVAE, path) -> Path:
 
 def vae_config_from(state: dict) -> MaskVAEConfig:
     "The MaskVAEConfig that vae-oid.npz-style arrays were made with, read from their shapes."
-    missing = [k for k in (CODEBOOK_KEY, "decoder.0.weight") if k not in state]
+    needed = [CODEBOOK_KEY, "decoder.0.weight"]
+    encoder = [f"encoder.{2 * i}.weight" for i in range(4)]  # the four stride-2 convolutions: their widths
+    missing = [k for k in needed + (encoder if encoder[0] in state else []) if k not in state]
     if missing:
         raise ValueError(f"it lacks {', '.join(missing)}: not a mask VQ-VAE in big_vision's layout")
     num_codes, code_dim = state[CODEBOOK_KEY].shape
     width = state["decoder.0.weight"].shape[0]
-    if "encoder.0.weight" not in state:  # the decoder alone
+    if encoder[0] not in state:  # the decoder alone
         return MaskVAEConfig(num_codes, code_dim, width)
-    widths = tuple(int(state[f"encoder.{2 * i}.weight"].shape[0]) if f"encoder.{2 * i}.weight" in state else 0
-                   for i in range(4))
+    widths = tuple(int(state[k].shape[0]) for k in encoder)
     return MaskVAEConfig(num_codes, code_dim, width, widths, int(state["encoder.0.weight"].shape[-1]))
 
 

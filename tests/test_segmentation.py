@@ -317,6 +317,7 @@ def test_what_is_not_a_vae_file_is_refused_in_one_line(tmp_path, make, message):
     (lambda a: a.update({"decoder.4.weight": a["decoder.4.weight"][:, :5]}), "shapes differ: decoder.4.weight"),
     (lambda a: a.pop("decoder.12.bias"), "arrays missing: decoder.12.bias"),
     (lambda a: a.update({"decoder.99.weight": np.zeros(1)}), "unexpected arrays: decoder.99.weight"),
+    (lambda a: a.pop("encoder.4.weight"), "it lacks encoder.4.weight"),
 ])
 def test_a_damaged_vae_file_is_refused_naming_the_array(tmp_path, change, message):
     arrays = big_vision_arrays(np.random.default_rng(0), widths=(2, 4, 8, 16), width=16, code_dim=8)
