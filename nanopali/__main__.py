@@ -6,6 +6,7 @@ behind a prompt. Without --weights it runs the small model lesson 08 trained (we
 """
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -288,12 +289,13 @@ def write_masks(image, text: str, prompt: str, path: Path, decoder) -> None:
 
 
 def run(args) -> None:
-    check_arguments(args)
-    import torch
-    from PIL import Image
+    with ctrl_c_waits():  # the checks and the imports: torch's start-up runs C++ that a Ctrl-C must not interrupt
+        check_arguments(args)
+        import torch
+        from PIL import Image
 
-    from .paligemma import load, pick_device
-    from .patches import load_image
+        from .paligemma import load, pick_device
+        from .patches import load_image
 
     with warnings.catch_warnings():  # Pillow's two-line warning about very large images becomes one note below
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -357,9 +359,26 @@ def run(args) -> None:
 INTERRUPTED = []  # set by on_ctrl_c: a Ctrl-C that a library turned into another error is still a Ctrl-C
 
 
+WAITING = []  # non-empty while a Ctrl-C waits for the end of a ctrl_c_waits block
+
+
 def on_ctrl_c(signum, frame):
     INTERRUPTED.append(signum)
-    raise KeyboardInterrupt
+    if not WAITING:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ctrl_c_waits():
+    """Ctrl-C inside the block is kept, then acted on as the block ends. Importing torch runs Python code from C++
+    (pybind11): a KeyboardInterrupt raised there aborts the whole process with a C++ traceback, not one line."""
+    WAITING.append(True)
+    try:
+        yield
+    finally:
+        WAITING.pop()
+    if INTERRUPTED:
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
