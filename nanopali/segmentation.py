@@ -367,6 +367,46 @@ def reconstruction_iou(vae: MaskVQVAE, num_scenes: int = 300, seed: int = 987_65
     return float(np.mean(ious))
 
 
+class SceneSegmenter:
+    """Lesson 08's segmenter hook, made of a mask VQ-VAE: answer() writes the answer to 'segment ...' about a scene's
+    objects, score() measures a model's answer against their true masks."""
+
+    def __init__(self, vae: MaskVQVAE):
+        if vae.encoder is None:
+            raise ValueError("a segmenter writes answers, so it needs the VQ-VAE's encoder: this one is decoder-only")
+        self.vae = vae
+
+    def answer(self, objects, masks, image_size: int) -> str:
+        "The answer to 'segment a ; b' about these objects, whose whole-image masks are masks."
+        return segment_text(self.vae, objects, masks, image_size)
+
+    def score(self, answer: str, suffix: str, masks: dict, image_size: int) -> tuple[float, int]:
+        """(sum of IoUs, objects asked): for each object the expected answer (suffix) names, the IoU of the mask the
+        answer gives under its name against its true mask, masks[name] (0 when the answer gives none)."""
+        segments, _ = parse_segments(answer, image_size, image_size, self.vae)
+        wanted = [SEGMENT.fullmatch(part.strip())[3].strip() for part in suffix.split(";")]
+        ious = [max((mask_iou(s.mask, masks[name] > 0) for s in segments if s.label == name), default=0.0)
+                for name in wanted]
+        return sum(ious), len(wanted)
+
+    @classmethod
+    def for_run(cls, out, seed: int = 0) -> "SceneSegmenter":
+        """The segmenter of the training run that saves to `out`: its VQ-VAE read back from <out>.vae.npz, or trained
+        with train_mask_vae's defaults (a few minutes) and written there first."""
+        path = Path(out).with_name(Path(out).name + ".vae.npz")
+        if path.is_file():
+            return cls(load_mask_decoder(path))
+        print(f"training the mask VQ-VAE first (lesson 12); it is kept in {path}")
+        vae = train_mask_vae(seed=seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_mask_vae(vae, path)
+        return cls(vae)
+
+    def save_beside(self, folder) -> Path:
+        "Write the VQ-VAE into a model's folder as VAE_FILE, where load_mask_decoder(folder) finds it."
+        return save_mask_vae(self.vae, Path(folder) / VAE_FILE)
+
+
 VAE_FILE = "vae-shapes.npz"  # the course's VQ-VAE, beside the shipped model
 
 
@@ -379,10 +419,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help=f"the model folder to write {VAE_FILE} into")
     parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--seed", type=int, default=0, help="default 0")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace a {VAE_FILE} the folder already holds")
     args = parser.parse_args(argv)
     if not args.out.is_dir():
         print(f"nanopali.segmentation: error: --out {args.out} is not a folder: give the model's folder",
               file=sys.stderr)
+        return 1
+    if (args.out / VAE_FILE).exists() and not args.overwrite:
+        print(f"nanopali.segmentation: error: {args.out / VAE_FILE} exists: a model taught with it needs that very "
+              "file to read its answers; add --overwrite to replace it, or choose another --out", file=sys.stderr)
         return 1
     if args.steps < 1:
         print(f"nanopali.segmentation: error: --steps {args.steps}: must be at least 1", file=sys.stderr)

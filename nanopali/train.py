@@ -114,12 +114,18 @@ def caption(objects) -> str:
 
 
 TASKS = ("caption", "colour", "shape", "count", "exists", "detect")
+SEGMENT = "segment"  # lesson 12's task: it needs the scene's masks and a segmenter that writes their answer
 
 
-def make_task(task: str, objects, rng: np.random.Generator, image_size: int) -> tuple[str, str]:
-    "(prefix, suffix) of one task about a scene, with exactly the prompts of PaliGemma's tasks."
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
+def make_task(task: str, objects, rng: np.random.Generator, image_size: int, masks=None,
+              segmenter=None) -> tuple[str, str]:
+    """(prefix, suffix) of one task about a scene, with exactly the prompts of PaliGemma's tasks. `segment` (lesson
+    12) also needs the objects' masks and a segmenter, whose answer(objects, masks, image_size) writes the suffix."""
+    if task not in (*TASKS, SEGMENT):
+        raise ValueError(f"unknown task {task!r}: choose from {(*TASKS, SEGMENT)}")
+    if task == SEGMENT and (masks is None or segmenter is None):
+        raise ValueError("the segment task needs the scene's masks (make_scene(..., with_masks=True)) and a "
+                         "segmenter (lesson 12's SceneSegmenter)")
     pick = objects[int(rng.integers(len(objects)))]
     if task == "caption":
         return "caption en", caption(objects)
@@ -132,9 +138,12 @@ def make_task(task: str, objects, rng: np.random.Generator, image_size: int) -> 
     if task == "exists":
         shape = str(rng.choice(SHAPES))
         return f"answer en is there a {shape}?", "yes" if shape in {o.shape for o in objects} else "no"
-    # detect: one or two of the shapes, in random order
-    wanted = [objects[i] for i in rng.permutation(len(objects))[: int(rng.integers(1, min(2, len(objects)) + 1))]]
-    prefix = "detect " + " ; ".join(o.shape for o in wanted)
+    # detect and segment: one or two of the shapes, in random order
+    chosen = rng.permutation(len(objects))[: int(rng.integers(1, min(2, len(objects)) + 1))]
+    wanted = [objects[i] for i in chosen]
+    prefix = f"{task} " + " ; ".join(o.shape for o in wanted)
+    if task == SEGMENT:
+        return prefix, segmenter.answer(wanted, [masks[i] for i in chosen], image_size)
     return prefix, " ; ".join(f"{loc_tokens(o.box, image_size)} {o.shape}" for o in wanted)
 
 
@@ -196,14 +205,23 @@ def suffix_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 TASK_WEIGHTS = {"caption": 0.2, "colour": 0.12, "shape": 0.12, "count": 0.12, "exists": 0.12, "detect": 0.32}
 
 
-def make_batch(processor: PaliGemmaProcessor, seed: int, step: int, batch_size: int, image_size: int):
-    "The training batch of one step: the same for the same (seed, step), so a resumed run sees the same data."
+def task_weights(segment_share: float = 0.0) -> dict:
+    "TASK_WEIGHTS, scaled down to make room for a share of lesson 12's segment task (none by default)."
+    weights = {task: w * (1 - segment_share) for task, w in TASK_WEIGHTS.items()}
+    return {**weights, SEGMENT: segment_share} if segment_share else weights
+
+
+def make_batch(processor: PaliGemmaProcessor, seed: int, step: int, batch_size: int, image_size: int,
+               segmenter=None, segment_share: float = 0.0):
+    """The training batch of one step: the same for the same (seed, step), so a resumed run sees the same data. With
+    a segmenter and a segment_share above 0 (lesson 12), that share of the examples asks `segment`."""
     rng = np.random.default_rng([seed, step])
+    weights = task_weights(segment_share)
     images, prefixes, suffixes = [], [], []
     for _ in range(batch_size):
-        image, objects = make_scene(rng, image_size)
-        task = str(rng.choice(list(TASK_WEIGHTS), p=list(TASK_WEIGHTS.values())))
-        prefix, suffix = make_task(task, objects, rng, image_size)
+        image, objects, masks = make_scene(rng, image_size, with_masks=True)
+        task = str(rng.choice(list(weights), p=list(weights.values())))
+        prefix, suffix = make_task(task, objects, rng, image_size, masks, segmenter)
         images.append(image)
         prefixes.append(prefix)
         suffixes.append(suffix)
@@ -230,19 +248,26 @@ def iou(a, b) -> float:
 EVAL_SEED = 987_654_321  # held-out scenes: a seed the training never uses (it uses [seed, step])
 
 
-def held_out_examples(num_scenes: int, image_size: int = 112, seed: int = EVAL_SEED) -> list[tuple]:
-    "(task, image, prefix, suffix) for one question of each task about each of num_scenes held-out scenes."
+def held_out_examples(num_scenes: int, image_size: int = 112, seed: int = EVAL_SEED, segmenter=None) -> list[tuple]:
+    """(task, image, prefix, suffix, masks) for one question of each task about each of num_scenes held-out scenes;
+    masks: {shape: its mask}, for scoring `segment`, which is asked too when a segmenter is given (lesson 12)."""
+    tasks = (*TASKS, SEGMENT) if segmenter is not None else TASKS
     examples = []
     for i in range(num_scenes):
         rng = np.random.default_rng([seed, i])
-        image, objects = make_scene(rng, image_size)
-        examples += [(task, image, *make_task(task, objects, rng, image_size)) for task in TASKS]
+        image, objects, masks = make_scene(rng, image_size, with_masks=True)
+        by_shape = {o.shape: m for o, m in zip(objects, masks)}
+        examples += [(task, image, *make_task(task, objects, rng, image_size, masks, segmenter), by_shape)
+                     for task in tasks]
     return examples
 
 
-def score(task: str, answer: str, suffix: str, image_size: int) -> tuple[int, int]:
-    """(right, asked) for one answer: exact match, or for detection the requested objects found with the right name
-    and IoU > 0.5."""
+def score(task: str, answer: str, suffix: str, image_size: int, masks=None, segmenter=None) -> tuple[float, int]:
+    """(right, asked) for one answer about an image of side image_size: exact match; for detection the requested
+    objects found with the right name and IoU > 0.5; for segment (lesson 12) the sum of the requested objects' mask
+    IoUs, as the segmenter's score(answer, suffix, masks, image_size) measures them."""
+    if task == SEGMENT:
+        return segmenter.score(answer, suffix, masks, image_size)
     if task != "detect":
         return int(answer.strip() == suffix), 1
     predicted = parse_detections(answer, image_size)
@@ -250,23 +275,26 @@ def score(task: str, answer: str, suffix: str, image_size: int) -> tuple[int, in
     return sum(any(n == name and iou(b, box) > 0.5 for n, b in predicted) for name, box in wanted), len(wanted)
 
 
-def evaluate(model, processor, num_scenes: int = 600, seed: int = EVAL_SEED, batch_size: int = 96) -> dict:
+def evaluate(model, processor, num_scenes: int = 600, seed: int = EVAL_SEED, batch_size: int = 96,
+             segmenter=None) -> dict:
     """Greedy answers on num_scenes held-out scenes, one question of each task per scene. Exact-match accuracy per
-    task; for detection, the share of requested objects found with the right name and IoU > 0.5."""
-    image_size = processor.image_size[0]
-    examples = held_out_examples(num_scenes, image_size, seed)
-    right, total = {t: 0 for t in TASKS}, {t: 0 for t in TASKS}
+    task; for detection, the share of requested objects found with the right name and IoU > 0.5; with a segmenter
+    (lesson 12), `segment`'s mean mask IoU over the requested objects."""
+    examples = held_out_examples(num_scenes, processor.image_size[0], seed, segmenter)
+    tasks = list(dict.fromkeys(e[0] for e in examples))
+    right, total = {t: 0 for t in tasks}, {t: 0 for t in tasks}
     was_training = model.training
     model.eval()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        answers = generate(model, processor, [e[1] for e in chunk], [e[2] for e in chunk], max_new_tokens=40)
-        for (task, _, _, suffix), answer in zip(chunk, answers):
-            got, asked = score(task, answer, suffix, image_size)
+        answers = generate(model, processor, [e[1] for e in chunk], [e[2] for e in chunk],
+                           max_new_tokens=40 if segmenter is None else 56)  # two segments take 43 tokens
+        for (task, image, _, suffix, masks), answer in zip(chunk, answers):
+            got, asked = score(task, answer, suffix, image.size[0], masks, segmenter)
             right[task] += got
             total[task] += asked
     model.train(was_training)
-    return {t: right[t] / max(total[t], 1) for t in TASKS}
+    return {t: right[t] / max(total[t], 1) for t in tasks}
 
 
 PATCH_BACKGROUND = 0  # class 0 of the probe's shape and colour targets; objects are 1 + their index
@@ -377,6 +405,7 @@ class TrainConfig:
     eval_scenes: int = 100  # during training; the final evaluation uses 600
     checkpoint_every: int = 250
     log_every: int = 25
+    segment_share: float = 0.0  # of stage 1's examples, the share asking lesson 12's segment task (needs a segmenter)
 
 
 def learning_rate_factor(step: int, steps: int, warmup: int, final_fraction: float) -> float:
@@ -442,7 +471,7 @@ def stage_optimizers(model: PaliGemmaForConditionalGeneration, probe: PatchProbe
 
 
 def training_step(model, probe, processor, cfg: TrainConfig, step: int, optimizer, scheduler,
-                  autocast: bool = True) -> tuple:
+                  autocast: bool = True, segmenter=None) -> tuple:
     """One step of the stage `step` falls in (steps count across both stages), under bfloat16 autocast unless
     `autocast` is False. Returns (loss, the probe's scores (stage 0; {} in stage 1), examples)."""
     if step < cfg.pretrain_steps:  # stage 0: the vision tower and the probe, on what every patch shows
@@ -453,7 +482,8 @@ def training_step(model, probe, processor, cfg: TrainConfig, step: int, optimize
         loss, scores = probe_loss(predicted, targets)
         examples = cfg.pretrain_batch_size
     else:  # stage 1: the whole model, on the PaliGemma tasks, loss on the answers only
-        batch = make_batch(processor, cfg.seed, step - cfg.pretrain_steps, cfg.batch_size, cfg.image_size)
+        batch = make_batch(processor, cfg.seed, step - cfg.pretrain_steps, cfg.batch_size, cfg.image_size,
+                           segmenter, cfg.segment_share)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["token_type_ids"])
         loss, scores = suffix_loss(logits, batch["labels"]), {}
@@ -466,11 +496,11 @@ def training_step(model, probe, processor, cfg: TrainConfig, step: int, optimize
     return loss.item(), scores, examples
 
 
-def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
+def train(cfg: TrainConfig, resume: bool = True, progress: bool = True, segmenter=None):
     """Train the small PaliGemma: pre-train the vision tower (cfg.pretrain_steps), then the whole model (cfg.steps).
     Returns (model, processor). Writes <out>.checkpoint.pt every checkpoint_every steps and <out>.log.jsonl as it
-    goes (Appendix); steps are counted across both stages."""
-    book = Bookkeeper(cfg, resume)  # checks the settings and what it resumes from, before any work (Appendix)
+    goes (Appendix); steps are counted across both stages. A cfg.segment_share above 0 needs lesson 12's segmenter."""
+    book = Bookkeeper(cfg, resume, segmenter)  # checks the settings and what it resumes from, before any work
     model, processor = build(cfg)
     probe = new_probe(model, processor, cfg.seed)
     (pre_optimizer, pre_scheduler), (optimizer, scheduler) = stage_optimizers(model, probe, cfg, book.schedule_steps)
@@ -484,7 +514,8 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True):
             started = time.perf_counter()  # the time of a step includes drawing its scenes
             opt, sched = (pre_optimizer, pre_scheduler) if step < cfg.pretrain_steps else (optimizer, scheduler)
             used_lr = {group["part"]: group["lr"] for group in opt.param_groups}
-            loss, scores, examples = training_step(model, probe, processor, cfg, step, opt, sched)
+            loss, scores, examples = training_step(model, probe, processor, cfg, step, opt, sched,
+                                                   segmenter=segmenter)
             book.after_step(step, loss, scores, examples, time.perf_counter() - started, used_lr, bar)
     model.eval()
     return model, processor
@@ -511,9 +542,15 @@ def main(argv=None) -> int:
         check_command(cfg, overwrite, threads, final_scenes)  # every refusal, before any work (Appendix)
         if threads:
             torch.set_num_threads(threads)
-        model, processor = train(cfg, resume=resume)
-        scores = evaluate(model, processor, final_scenes)
+        segmenter = None
+        if cfg.segment_share:  # lesson 12's task: its mask VQ-VAE is trained first (or read back), beside the run
+            from nanopali.segmentation import SceneSegmenter  # lesson 12 builds on this lesson: imported only here
+            segmenter = SceneSegmenter.for_run(cfg.out, cfg.seed)
+        model, processor = train(cfg, resume=resume, segmenter=segmenter)
+        scores = evaluate(model, processor, final_scenes, segmenter=segmenter)
         save(model, processor, cfg.out, overwrite=overwrite)
+        if segmenter is not None:
+            segmenter.save_beside(cfg.out)  # after the model: a model save replaces the folder whole
         (Path(cfg.out) / "eval.json").write_text(json.dumps(scores, indent=2))
         log = Path(cfg.out).with_name(Path(cfg.out).name + ".log.jsonl")
         (Path(cfg.out) / "train_log.jsonl").write_text(log.read_text())  # the training log travels with the model
@@ -548,7 +585,7 @@ def save_checkpoint(path: Path, **state):
 
 
 IMAGE_SIZES = range(28, 295, 14)  # multiples of the patch size 14: 28 still holds three shapes apart; at 294 the
-# 441 image tokens, the longest prompt and a 40-token answer still fit the model's 512 positions
+# 441 image tokens, the longest prompt and a 56-token answer still fit the model's 512 positions
 WHOLE_NUMBERS = {"seed": 0, "pretrain_steps": 0, "pretrain_batch_size": 1, "steps": 0, "batch_size": 1, "warmup": 0,
                  "eval_every": 1, "eval_scenes": 1, "checkpoint_every": 1, "log_every": 1}  # the least of each
 RATES = ("pretrain_lr", "lr", "vision_lr", "clip")  # each a finite number > 0
@@ -578,6 +615,8 @@ def check_config(cfg: TrainConfig):
         raise ValueError(f"--final-lr-fraction {cfg.final_lr_fraction}: must be between 0 and 1")
     if not (isinstance(cfg.weight_decay, numbers.Real) and 0 <= cfg.weight_decay < math.inf):
         raise ValueError(f"--weight-decay {cfg.weight_decay}: must be a number >= 0 (not nan or inf)")
+    if not (isinstance(cfg.segment_share, numbers.Real) and 0 <= cfg.segment_share < 1):
+        raise ValueError(f"--segment-share {cfg.segment_share}: must be at least 0 and below 1 (0: no segment task)")
     if not isinstance(cfg.image_size, numbers.Integral) or cfg.image_size not in IMAGE_SIZES:
         raise ValueError(f"--image-size {cfg.image_size}: must be a multiple of the patch size 14 from "
                          f"{IMAGE_SIZES[0]} to {IMAGE_SIZES[-1]}")
@@ -637,7 +676,7 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> dict:
             from None
     if not (isinstance(state, dict) and {"step", "config", "elapsed"} <= set(state)):
         raise ValueError(f"{path} is not a checkpoint of nanopali.train: remove it, or start over with --no-resume")
-    saved, now = state["config"], asdict(cfg)
+    saved, now = {"segment_share": 0.0, **state["config"]}, asdict(cfg)  # older checkpoints: no segment task
     differ = [f"{flag(k)} {now[k]} (the checkpoint's: {saved.get(k, 'none')}" +
               ("; it may grow, not shrink)" if k == "steps" else ")") for k in now
               if k not in FREE_ON_RESUME and now[k] != saved.get(k) and not (k == "steps" and now[k] > saved.get(k, 0))]
@@ -684,8 +723,12 @@ class Bookkeeper:
     optimizers and schedules). Made before the model, it checks the settings and what it would resume from, so that a
     run it refuses does no work and changes no file. It reads what the training loop does and never changes it."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool = True):
+    def __init__(self, cfg: TrainConfig, resume: bool = True, segmenter=None):
         check_config(cfg)
+        if cfg.segment_share and segmenter is None:
+            raise ValueError(f"--segment-share {cfg.segment_share} needs a segmenter: lesson 12's SceneSegmenter "
+                             "(the command line trains one)")
+        self.segmenter = segmenter
         out = Path(cfg.out)
         self.cfg = cfg
         self.checkpoint = out.with_name(out.name + ".checkpoint.pt")
@@ -752,7 +795,8 @@ class Bookkeeper:
         record["samples_per_s"] = round(sum(w[2] for w in window) / sum(w[3] for w in window), 1)
         record["minutes"] = round((time.perf_counter() - self.started) / 60, 2)
         if evaluating:
-            record["eval"] = {k: round(v, 3) for k, v in evaluate(model, self.processor, self.cfg.eval_scenes).items()}
+            scores = evaluate(model, self.processor, self.cfg.eval_scenes, segmenter=self.segmenter)
+            record["eval"] = {k: round(v, 3) for k, v in scores.items()}
             model.train()
         try:
             with open(self.log_path, "a") as log:

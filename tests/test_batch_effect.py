@@ -28,7 +28,7 @@ def bf16():
     model, processor = nanopali.load(SHIPPED, dtype="bfloat16")
     examples = held_out_examples(16, processor.image_size[0])
     alone = [generate(model, processor, [image], [prompt], max_new_tokens=MAX_NEW_TOKENS)[0]
-             for _, image, prompt, _ in examples]
+             for _, image, prompt, *_ in examples]
     return model, processor, examples, alone
 
 
@@ -76,6 +76,6 @@ def test_the_command_line_path_answers_as_generate(bf16):
     "generate_with_attention (python -m nanopali) keeps the weights of every step; it must not change the answer."
     model, processor, examples, alone = bf16
     kept = [generate_with_attention(model, processor, image, prompt, max_new_tokens=MAX_NEW_TOKENS).text
-            for _, image, prompt, _ in examples]
+            for _, image, prompt, *_ in examples]
     differ = [i for i, (a, b) in enumerate(zip(alone, kept)) if a != b]
     assert not differ, f"questions {differ} answered differently"

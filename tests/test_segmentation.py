@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from nanopali import segmentation
 from nanopali.__main__ import main
 from nanopali.segmentation import (
     CODEBOOK_KEY,
@@ -18,6 +19,7 @@ from nanopali.segmentation import (
     MaskVAEConfig,
     MaskVQVAE,
     SameConv2d,
+    SceneSegmenter,
     draw_segments,
     load_mask_decoder,
     mask_crop,
@@ -28,7 +30,7 @@ from nanopali.segmentation import (
     segment_text,
     vae_loss,
 )
-from nanopali.train import make_scene
+from nanopali.train import make_scene, make_task
 
 from conftest import NOTEBOOKS, REPO, SHIPPED
 
@@ -137,6 +139,42 @@ def test_segment_text_reads_back_onto_the_true_masks(shipped_vae):
         assert s.mask.shape == (112, 112) and s.mask.dtype == bool
         assert mask_iou(s.mask, m > 0) > 0.75
         assert all(abs(a - b) <= 1 for a, b in zip(s.box, o.box))
+
+
+def test_the_segmenter_writes_and_scores_segment_answers(shipped_vae):
+    "Lesson 08's hook filled: answers are segment_text's, and the score is the mask IoU of each object asked for."
+    segmenter = SceneSegmenter(shipped_vae)
+    image, objects, masks = make_scene(np.random.default_rng(11), 160, max_objects=3, with_masks=True)
+    assert segmenter.answer(objects, masks, 160) == segment_text(shipped_vae, objects, masks, 160)
+    prefix, suffix = make_task("segment", objects, np.random.default_rng(2), 160, masks, segmenter)
+    by_shape = {o.shape: m for o, m in zip(objects, masks)}
+    asked = prefix[len("segment "):].split(" ; ")
+    total, count = segmenter.score(suffix, suffix, by_shape, 160)  # the expected answer itself
+    segments, _ = parse_segments(suffix, 160, 160, shipped_vae)
+    assert count == len(asked) and total == pytest.approx(sum(mask_iou(s.mask, by_shape[s.label] > 0)
+                                                              for s in segments))
+    assert total / count > 0.75
+    assert segmenter.score("", suffix, by_shape, 160) == (0.0, len(asked))  # no answer: 0 for each object
+    renamed = suffix.replace(f" {asked[0]}", " hexagon")  # a mask under the wrong name counts for nothing
+    assert segmenter.score(renamed, suffix, by_shape, 160)[0] < total
+    decoder_only = load_mask_decoder(SHIPPED)
+    decoder_only.encoder = None
+    with pytest.raises(ValueError, match="needs the VQ-VAE's encoder"):
+        SceneSegmenter(decoder_only)
+
+
+def test_a_run_trains_its_vae_once_and_reads_it_back(tmp_path, monkeypatch, shipped_vae):
+    trained = []
+    monkeypatch.setattr(segmentation, "train_mask_vae", lambda seed: trained.append(seed) or shipped_vae)
+    first = SceneSegmenter.for_run(tmp_path / "model", seed=3)
+    assert trained == [3] and (tmp_path / "model.vae.npz").is_file()
+    again = SceneSegmenter.for_run(tmp_path / "model", seed=3)  # a resumed run: read back, not trained again
+    assert trained == [3]
+    for a, b in zip(first.vae.state_dict().values(), again.vae.state_dict().values()):
+        assert torch.equal(a, b)
+    (tmp_path / "model").mkdir()
+    assert again.save_beside(tmp_path / "model") == tmp_path / "model" / VAE_FILE
+    assert load_mask_decoder(tmp_path / "model").config == shipped_vae.config
 
 
 def segment(codes="<seg001>" * 16, box="<loc0100><loc0100><loc0500><loc0600>", label=" star"):
@@ -376,3 +414,24 @@ def test_a_weights_folder_without_a_vae_is_named(tmp_path, capsys):
                  str(tmp_path / "m.png")]) == 1
     err = capsys.readouterr().err
     assert "--masks needs the mask VQ-VAE" in err and "holds no .npz file" in err and "--mask-decoder" in err
+
+
+def test_the_vae_command_line_refuses_in_one_line(tmp_path, capsys):
+    (tmp_path / VAE_FILE).write_bytes(b"the VQ-VAE a model was taught with")
+    for argv, message in [([str(tmp_path / "none")], "is not a folder"),
+                          ([str(tmp_path)], f"{tmp_path / VAE_FILE} exists: a model taught with it needs that very "
+                                            "file to read its answers; add --overwrite"),
+                          ([str(tmp_path), "--overwrite", "--steps", "0"], "--steps 0: must be at least 1")]:
+        assert segmentation.main(["--out", *argv]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    assert (tmp_path / VAE_FILE).read_bytes() == b"the VQ-VAE a model was taught with"
+
+
+def test_the_vae_command_line_writes_the_file(tmp_path, capsys, monkeypatch, shipped_vae):
+    monkeypatch.setattr(segmentation, "train_mask_vae", lambda steps, seed, log: log(0, 0.5, 9) or shipped_vae)
+    monkeypatch.setattr(segmentation, "reconstruction_iou", lambda vae: 0.875)
+    (tmp_path / VAE_FILE).write_bytes(b"old")
+    assert segmentation.main(["--out", str(tmp_path), "--overwrite"]) == 0
+    assert "step 0: loss 0.5000, 9 codes in use" in capsys.readouterr().out
+    assert load_mask_decoder(tmp_path).config == shipped_vae.config

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import nanopali.train as trainer
+from nanopali.bridge import PaliGemmaProcessor
 from nanopali.train import (
     COLOURS,
     SHAPES,
@@ -113,7 +114,53 @@ def test_caption_and_location_formats():
     assert caption([Named(name="x"), Named(name="y"), Named(name="z")]) == "a x, a y and a z"
     assert loc_tokens((0, 56, 112, 28), 112) == "<loc0000><loc0512><loc1023><loc0256>"
     with pytest.raises(ValueError, match="unknown task"):
-        make_task("segment", [], np.random.default_rng(0), 112)
+        make_task("paint", [], np.random.default_rng(0), 112)
+    _, objects, masks = make_scene(np.random.default_rng(0), with_masks=True)
+    with pytest.raises(ValueError, match="the segment task needs the scene's masks"):
+        make_task("segment", objects, np.random.default_rng(0), 112, masks)  # no segmenter: lesson 12 brings it
+
+
+def test_the_segment_hook(monkeypatch):
+    "make_task, make_batch and evaluate hand segment to the segmenter they are given, and only then ask it."
+    class Writer:  # a stand-in segmenter: its answer names the objects and the size it was told
+        def answer(self, objects, masks, image_size):
+            assert all(m.shape == (image_size, image_size) for m in masks)
+            return " ; ".join(f"{loc_tokens(o.box, image_size)} {o.shape} {image_size}" for o in objects)
+
+        def score(self, answer, suffix, masks, image_size):
+            return (0.5, 1) if answer == "seen" else (0.0, 1)
+
+    _, objects, masks = make_scene(np.random.default_rng(5), 150, with_masks=True)
+    prefix, suffix = make_task("segment", objects, np.random.default_rng(1), 150, masks, Writer())
+    assert prefix.startswith("segment ") and [p.split()[-2] for p in suffix.split(" ; ")] == prefix[8:].split(" ; ")
+    assert trainer.task_weights() == trainer.TASK_WEIGHTS
+    weights = trainer.task_weights(0.25)
+    assert weights["segment"] == 0.25 and abs(sum(weights.values()) - 1) < 1e-9
+    assert weights["caption"] == pytest.approx(0.75 * trainer.TASK_WEIGHTS["caption"])
+    examples = trainer.held_out_examples(3, segmenter=Writer())
+    assert [e[0] for e in examples[:7]] == [*TASKS, "segment"]
+    for task, image, prefix, suffix, masks_by_shape in examples:  # each scene's masks, by shape, at its own size
+        assert all(m.shape == (image.height, image.width) for m in masks_by_shape.values())
+        if task == "segment":
+            assert set(prefix[len("segment "):].split(" ; ")) <= set(masks_by_shape)
+            assert suffix.split(" ; ")[0].endswith(f" {image.width}")  # the segmenter was told the image's own size
+    assert len(trainer.held_out_examples(3)) == 18  # without a segmenter: the six tasks
+
+    processor = PaliGemmaProcessor(trainer.make_tokenizer(0), 64, (112, 112))
+    plain = trainer.make_batch(processor, 0, 3, 16, 112)
+    assert torch.equal(trainer.make_batch(processor, 0, 3, 16, 112, Writer(), 0.0)["input_ids"], plain["input_ids"])
+    mixed = trainer.make_batch(processor, 0, 3, 16, 112, Writer(), 0.5)
+    asked = [processor.decode(row) for row in mixed["input_ids"]]
+    assert 3 <= sum("segment" in text.replace(" ", "") for text in asked) <= 13  # about half, by its answers' "112"
+    assert sum(" 112" in text for text in asked) == sum("segment" in text.replace(" ", "") for text in asked)
+
+    def answers(model, processor, images, prompts, max_new_tokens):  # a stand-in model: "seen" to segment only
+        assert max_new_tokens == 56  # two segments are 43 tokens
+        return ["seen" if p.startswith("segment") else "" for p in prompts]
+
+    monkeypatch.setattr(trainer, "generate", answers)
+    model = SimpleNamespace(training=False, train=lambda mode=True: None, eval=lambda: None)
+    assert trainer.evaluate(model, processor, 5, segmenter=Writer()) == {**{t: 0.0 for t in TASKS}, "segment": 0.5}
 
 
 def test_loss_counts_only_answer_tokens():
@@ -233,6 +280,26 @@ def test_a_checkpoint_of_other_settings_is_refused_naming_each_one(tmp_path, mon
     with pytest.raises(ValueError, match=r"--steps 3 \(the checkpoint's: 5; it may grow, not shrink\)"):
         train(tiny_run(tmp_path, 3, batch_size=2, eval_scenes=1), progress=False)
     assert digest(tmp_path) == before  # nothing changed on disk
+
+
+def test_a_checkpoint_from_before_the_segment_task_resumes(tmp_path, float32_steps):
+    "Checkpoints written before TrainConfig had segment_share trained without it, and resume as if it were 0."
+    cfg = tiny_run(tmp_path, 5, batch_size=2, eval_scenes=1)
+    train(cfg, progress=False)
+    path = tmp_path / "model.checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    del state["config"]["segment_share"]
+    torch.save(state, path)
+    assert trainer.read_checkpoint(path, cfg)["step"] == 5
+    with pytest.raises(ValueError, match=r"--segment-share 0.25 \(the checkpoint's: 0.0\)"):
+        trainer.read_checkpoint(path, dataclasses.replace(cfg, segment_share=0.25))
+
+
+def test_the_segment_task_without_a_segmenter_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer, "build", no_work)
+    with pytest.raises(ValueError, match="--segment-share 0.25 needs a segmenter: lesson 12's SceneSegmenter"):
+        train(tiny_run(tmp_path, 5, segment_share=0.25), progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_command_line_trains_evaluates_and_saves(tmp_path):
@@ -383,6 +450,8 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(tmp_path, monk
     ("--clip", "0", "must be a number > 0 (not nan or inf)"),
     ("--weight-decay", "nan", "must be a number >= 0 (not nan or inf)"),
     ("--final-lr-fraction", "2", "must be between 0 and 1"),
+    ("--segment-share", "1", "must be at least 0 and below 1 (0: no segment task)"),
+    ("--segment-share", "-0.25", "must be at least 0 and below 1 (0: no segment task)"),
     ("--steps", "-5", "must be a whole number >= 0"),
     ("--pretrain-steps", "-1", "must be a whole number >= 0"),
     ("--warmup", "-1", "must be a whole number >= 0"),
