@@ -305,9 +305,13 @@ def test_ctrl_c_at_any_moment_is_one_line(after):
                                stderr=subprocess.PIPE, text=True)
     time.sleep(after)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=300)
+    out, err = process.communicate(timeout=300)
     if process.returncode == 0:  # it had already finished: nothing to interrupt (a very fast machine)
         pytest.skip("the run ended before the signal")
+    if process.returncode == -2 and err == "" and " tokens in " in out:
+        # the answer was complete and the Ctrl-C landed while the interpreter shut down, after which Python leaves
+        # SIGINT to its default action (the process ends silently): there was nothing left to interrupt
+        pytest.skip("the signal came after the answer, during the interpreter's shutdown")
     # 130, or ended by the signal itself (-2 here; seen when the Ctrl-C lands about 0.7 s in, during torch's import,
     # cause not found): a shell shows both as exit status 130, and the one line is printed either way.
     assert process.returncode in (130, -2), err
