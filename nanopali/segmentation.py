@@ -7,6 +7,7 @@ reads segmentation answers into masks you can draw."""
 
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -399,7 +400,7 @@ class SceneSegmenter:
         print(f"training the mask VQ-VAE first (lesson 12); it is kept in {path}")
         vae = train_mask_vae(seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_mask_vae(vae, path)
+        os.replace(save_mask_vae(vae, path.with_name(path.name + ".tmp.npz")), path)  # a killed run leaves no half file
         return cls(vae)
 
     def save_beside(self, folder) -> Path:

@@ -168,6 +168,7 @@ def test_a_run_trains_its_vae_once_and_reads_it_back(tmp_path, monkeypatch, ship
     monkeypatch.setattr(segmentation, "train_mask_vae", lambda seed: trained.append(seed) or shipped_vae)
     first = SceneSegmenter.for_run(tmp_path / "model", seed=3)
     assert trained == [3] and (tmp_path / "model.vae.npz").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.vae.npz"]  # written whole, no temporary file left
     again = SceneSegmenter.for_run(tmp_path / "model", seed=3)  # a resumed run: read back, not trained again
     assert trained == [3]
     for a, b in zip(first.vae.state_dict().values(), again.vae.state_dict().values()):
