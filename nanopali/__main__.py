@@ -35,7 +35,7 @@ prompts: PaliGemma's task prompts, "caption en", "describe en", "answer en QUEST
 "detect THING ; OTHER", "segment THING", "ocr" (en: the language). Anything else is asked as "answer en ...".
 The shipped model knows only scenes of coloured shapes:
 "caption en", "what color is the star?", "what shape is the red one?", "how many shapes are there?",
-"is there a circle?", "detect star ; circle"."""
+"is there a circle?", "detect star ; circle", "segment star"."""
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -321,9 +321,10 @@ def run(args) -> None:
           f"{processor.image_size[0]})")
     if Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
         print(f"note: a very large image ({image.width * image.height:,} pixels): it takes a while to shrink")
-    if args.weights.resolve() == SHIPPED and image.size != processor.image_size[::-1]:
-        print("note: the shipped model has only ever seen 112 x 112 scenes of coloured shapes, like images/scene.png; "
-              "on other pictures its answers mean nothing. For photos, use a real PaliGemma (--weights).")
+    if args.weights.resolve() == SHIPPED and not (image.width == image.height and 84 <= image.width <= 224):
+        print("note: the shipped model has only ever seen square scenes of coloured shapes, 84 to 224 pixels a side, "
+              "like images/scene.png; on other pictures its answers mean nothing. For photos, use a real PaliGemma "
+              "(--weights).")
     mask_decoder = None
     if args.masks is not None:
         from .segmentation import load_mask_decoder

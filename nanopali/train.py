@@ -31,7 +31,7 @@ from .patches import SiglipVisionConfig, patchify, preprocess_images
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 220), "yellow": (240, 200, 20),
            "purple": (140, 70, 190), "orange": (255, 127, 14)}
-SIZES = {"small": (0.22, 0.28), "large": (0.36, 0.44)}  # side of a shape's box, as a fraction of the image side
+SIZES = {"small": (0.12, 0.26), "large": (0.34, 0.5)}  # side of a shape's box, as a fraction of the image side
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,29 @@ def _outline(shape: str, x0: float, y0: float, side: float) -> list:
             for k, r in enumerate(radii)]
 
 
+def coverage(shape: str, side: int, supersample: int = 4) -> np.ndarray:
+    """(side, side) floats in [0, 1]: how much of each pixel of its box the shape covers, counted on a grid
+    `supersample` times finer. Painting with it as the opacity gives soft, anti-aliased edges."""
+    fine = side * supersample
+    mask = Image.new("L", (fine, fine), 0)
+    pen = ImageDraw.Draw(mask)
+    if shape == "circle":
+        pen.ellipse((0, 0, fine - 1, fine - 1), fill=255)
+    elif shape == "square":
+        pen.rectangle((0, 0, fine - 1, fine - 1), fill=255)
+    else:
+        pen.polygon(_outline(shape, 0, 0, fine - 1), fill=255)
+    return np.asarray(mask, dtype=np.float32).reshape(side, supersample, side, supersample).mean((1, 3)) / 255
+
+
+def draw_size(rng: np.random.Generator, image_size: int = 112) -> int:
+    """The side to draw a scene at: half the time the model's own image_size, else anything from 3/4 of it to twice
+    it, which the processor then resizes to image_size, as it resizes any photo."""
+    if rng.random() < 0.5:
+        return image_size
+    return int(rng.integers(round(0.75 * image_size), 2 * image_size + 1))
+
+
 def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int = 3, with_masks: bool = False):
     """A light, slightly noisy background with 1..max_objects shapes of distinct shapes and colours at random
     non-overlapping places. Returns (PIL image, objects sorted left to right), and with_masks=True (lesson 12) adds
@@ -67,35 +90,36 @@ def make_scene(rng: np.random.Generator, image_size: int = 112, max_objects: int
     n = int(rng.integers(1, max_objects + 1))
     shapes = rng.choice(SHAPES, size=n, replace=False)
     colours = rng.choice(sorted(COLOURS), size=n, replace=False)
-    background = rng.integers(225, 246)
-    pixels = background + rng.normal(0, 5, size=(image_size, image_size, 1))
-    image = Image.fromarray(np.clip(pixels.repeat(3, axis=2), 0, 255).astype(np.uint8))
-    objects, masks, tries = [], [], 0
+    canvas = np.empty((image_size, image_size, 3), dtype=np.float32)
+    canvas[:] = rng.integers(215, 246) + rng.integers(-12, 13, size=3)  # light grey, slightly tinted
+    objects, masks, layers, tries = [], [], [], 0
     while len(objects) < n:
         tries += 1
         if tries % 100 == 0:  # the shapes placed so far leave no room: start the layout again
-            objects, masks, image = [], [], Image.fromarray(np.clip(pixels.repeat(3, axis=2), 0, 255).astype(np.uint8))
+            objects, masks, layers = [], [], []
         size = "large" if rng.random() < 0.5 else "small"
         side = int(image_size * rng.uniform(*SIZES[size]))
         x0, y0 = (int(v) for v in rng.integers(1, image_size - side, size=2))
         if any(y0 < b[2] + 2 and b[0] < y0 + side + 2 and x0 < b[3] + 2 and b[1] < x0 + side + 2
                for b in (o.box for o in objects)):
             continue  # overlaps (or touches) a shape already placed: draw another place
-        if any(abs((x0 + side / 2) - (b[1] + b[3]) / 2) < 8 for b in (o.box for o in objects)):
+        if any(abs((x0 + side / 2) - (b[1] + b[3]) / 2) < image_size / 14 for b in (o.box for o in objects)):
             continue  # almost above or below another shape: "left to right" would be ambiguous
         shape, colour = str(shapes[len(objects)]), str(colours[len(objects)])
-        mask = Image.new("L", image.size, 0)  # the shape alone, to paint it and to measure its exact box
-        pen = ImageDraw.Draw(mask)
-        if shape == "circle":
-            pen.ellipse((x0, y0, x0 + side - 1, y0 + side - 1), fill=255)
-        elif shape == "square":
-            pen.rectangle((x0, y0, x0 + side - 1, y0 + side - 1), fill=255)
-        else:
-            pen.polygon(_outline(shape, x0, y0, side - 1), fill=255)
-        image.paste(COLOURS[colour], mask=mask)
-        left, top, right, bottom = mask.getbbox()  # the tight box of the painted pixels
-        objects.append(SceneObject(shape, colour, size, (top, left, bottom, right)))
-        masks.append(np.asarray(mask))
+        alpha = coverage(shape, side)
+        paint = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, size=3), 0, 255)  # each shape's own tone
+        mask = np.zeros((image_size, image_size), dtype=np.uint8)
+        mask[y0:y0 + side, x0:x0 + side] = np.where(alpha >= 0.5, 255, 0)  # the pixels at least half covered
+        rows, cols = np.nonzero(mask)
+        objects.append(SceneObject(shape, colour, size, (int(rows.min()), int(cols.min()), int(rows.max()) + 1,
+                                                         int(cols.max()) + 1)))  # the mask's tight box
+        masks.append(mask)
+        layers.append((y0, x0, alpha, paint))
+    for y0, x0, alpha, paint in layers:  # paint the final layout, each edge pixel mixed by how much it is covered
+        region = canvas[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]]
+        region += alpha[..., None] * (paint - region)
+    canvas += rng.normal(0, rng.uniform(2, 8), size=canvas.shape)  # noise on everything, shapes included
+    image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     order = sorted(range(n), key=lambda i: objects[i].box[1] + objects[i].box[3])  # left to right, by box centre
     if with_masks:
         return image, [objects[i] for i in order], [masks[i] for i in order]
@@ -161,6 +185,8 @@ def task_texts(rng: np.random.Generator, n: int = 3000, image_size: int = 112) -
         _, objects = make_scene(rng, image_size)
         prefix, suffix = make_task(str(rng.choice(TASKS)), objects, rng, image_size)
         texts += [prefix.replace("?", " ?"), re.sub(r"<loc\d{4}>", "", suffix)]
+        if prefix.startswith("detect"):  # lesson 12's segment prompts name shapes as detection's do
+            texts.append(prefix.replace("detect", SEGMENT, 1))
     return texts
 
 
@@ -219,9 +245,10 @@ def make_batch(processor: PaliGemmaProcessor, seed: int, step: int, batch_size: 
     weights = task_weights(segment_share)
     images, prefixes, suffixes = [], [], []
     for _ in range(batch_size):
-        image, objects, masks = make_scene(rng, image_size, with_masks=True)
+        side = draw_size(rng, image_size)
+        image, objects, masks = make_scene(rng, side, with_masks=True)
         task = str(rng.choice(list(weights), p=list(weights.values())))
-        prefix, suffix = make_task(task, objects, rng, image_size, masks, segmenter)
+        prefix, suffix = make_task(task, objects, rng, side, masks, segmenter)
         images.append(image)
         prefixes.append(prefix)
         suffixes.append(suffix)
@@ -255,9 +282,10 @@ def held_out_examples(num_scenes: int, image_size: int = 112, seed: int = EVAL_S
     examples = []
     for i in range(num_scenes):
         rng = np.random.default_rng([seed, i])
-        image, objects, masks = make_scene(rng, image_size, with_masks=True)
+        side = draw_size(rng, image_size)
+        image, objects, masks = make_scene(rng, side, with_masks=True)
         by_shape = {o.shape: m for o, m in zip(objects, masks)}
-        examples += [(task, image, *make_task(task, objects, rng, image_size, masks, segmenter), by_shape)
+        examples += [(task, image, *make_task(task, objects, rng, side, masks, segmenter), by_shape)
                      for task in tasks]
     return examples
 
@@ -300,15 +328,17 @@ def evaluate(model, processor, num_scenes: int = 600, seed: int = EVAL_SEED, bat
 PATCH_BACKGROUND = 0  # class 0 of the probe's shape and colour targets; objects are 1 + their index
 
 
-def patch_targets(image, objects, patch_size: int = 14) -> dict:
-    """What each patch of a scene shows, row by row: `shape` (0 background, 1 + index in SHAPES), `colour`
-    (0 background, 1 + index in sorted COLOURS) and `box`, the (y_min, x_min, y_max, x_max) of the object covering
-    most of the patch, as fractions of the image side (zeros on background)."""
-    pixels = np.asarray(image)
-    side = pixels.shape[0]
-    owner = np.full(pixels.shape[:2], -1)
-    for i, o in enumerate(objects):
-        owner[(pixels == COLOURS[o.colour]).all(-1)] = i  # exact colour: the object's own pixels
+def patch_targets(masks, objects, image_size: int = 112, patch_size: int = 14) -> dict:
+    """What each patch of a scene shows, row by row, once the scene is resized to image_size (as the model sees it):
+    `shape` (0 background, 1 + index in SHAPES), `colour` (0 background, 1 + index in sorted COLOURS) and `box`, the
+    (y_min, x_min, y_max, x_max) of the object covering most of the patch, as fractions of the image side (zeros on
+    background). masks: the objects' masks from make_scene(..., with_masks=True), at the side it was drawn at."""
+    drawn = masks[0].shape[0]
+    owner = np.full((image_size, image_size), -1)
+    for i, mask in enumerate(masks):
+        if drawn != image_size:
+            mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.BILINEAR))
+        owner[mask >= 128] = i  # the object's own pixels, at the model's resolution
     blocks = patchify(torch.from_numpy(owner)[None, None], patch_size)[0].numpy()  # lesson 01's cut, (N, P * P)
     counts = np.stack([(blocks == i).sum(1) for i in range(len(objects))], axis=1)  # (patches, objects)
     covered = counts.max(1) >= patch_size * patch_size / 10
@@ -317,7 +347,7 @@ def patch_targets(image, objects, patch_size: int = 14) -> dict:
     for patch in np.flatnonzero(covered):
         o = objects[counts[patch].argmax()]
         shape[patch], colour[patch] = 1 + SHAPES.index(o.shape), 1 + sorted(COLOURS).index(o.colour)
-        box[patch] = np.array(o.box) / side
+        box[patch] = np.array(o.box) / drawn
     return {"shape": torch.from_numpy(shape), "colour": torch.from_numpy(colour), "box": torch.from_numpy(box)}
 
 
@@ -375,9 +405,9 @@ def make_pretrain_batch(processor: PaliGemmaProcessor, seed: int, step: int, bat
     rng = np.random.default_rng([seed, step, 1])
     images, targets = [], []
     for _ in range(batch_size):
-        image, objects = make_scene(rng, processor.image_size[0])
+        image, objects, masks = make_scene(rng, draw_size(rng, processor.image_size[0]), with_masks=True)
         images.append(image)
-        targets.append(patch_targets(image, objects, patch_size))
+        targets.append(patch_targets(masks, objects, processor.image_size[0], patch_size))
     pixel_values = preprocess_images(images, **processor.image_settings)
     return pixel_values, {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
 
@@ -392,16 +422,18 @@ class TrainConfig:
     pretrain_steps: int = 2500  # stage 0: the vision tower and projector, on patch targets (8.6)
     pretrain_batch_size: int = 64
     pretrain_lr: float = 3e-3
-    steps: int = 7500  # stage 1: the whole model on the PaliGemma tasks
+    steps: int = 9000  # stage 1: the whole model on the PaliGemma tasks
     batch_size: int = 32
     lr: float = 1e-3  # Gemma's side
     vision_lr: float = 5e-4  # SigLIP and the projector: pre-trained, so changed more gently
+    freeze_vision_steps: int = 2500  # stage 1 starts with SigLIP frozen (8.6): its gradients are noise at first
+    thawed_vision_lr: float = 1e-4  # then SigLIP and the projector go on at this gentler rate
     warmup: int = 300  # steps of linear warm-up (of each stage)
     final_lr_fraction: float = 0.1  # cosine decay down to this fraction of the peak
     weight_decay: float = 0.01
     clip: float = 1.0  # gradient norm clipping
     image_size: int = 112
-    eval_every: int = 1000
+    eval_every: int = 1500
     eval_scenes: int = 100  # during training; the final evaluation uses 600
     checkpoint_every: int = 250
     log_every: int = 25
@@ -454,8 +486,10 @@ def stage_optimizers(model: PaliGemmaForConditionalGeneration, probe: PatchProbe
                      schedule_steps: int | None = None):
     """((optimizer, schedule) of stage 0, (optimizer, schedule) of stage 1). Stage 0: the vision tower, the
     projector, the word embeddings and the probe, at pretrain_lr. Stage 1: the whole model, the pre-trained tower
-    and projector at vision_lr, Gemma at lr. Each schedule warms up and decays over its own stage, stage 1's over
-    schedule_steps (default cfg.steps; a run extended when resumed keeps the length it started with, Appendix)."""
+    and projector at vision_lr, Gemma at lr; after the first freeze_vision_steps (when training_step keeps the tower
+    frozen) the tower and projector go on at thawed_vision_lr. Each schedule warms up and decays over its own stage,
+    stage 1's over schedule_steps (default cfg.steps; a run extended when resumed keeps the length it started
+    with, Appendix)."""
     pre_optimizer = adamw([*model.vision_tower.named_parameters(), *model.multi_modal_projector.named_parameters(),
                            *model.language_model.model.embed_tokens.named_parameters(prefix="embed_tokens"),
                            *probe.named_parameters()], lambda name: ("vision", cfg.pretrain_lr), cfg)
@@ -465,15 +499,24 @@ def stage_optimizers(model: PaliGemmaForConditionalGeneration, probe: PatchProbe
     pre_scheduler = torch.optim.lr_scheduler.LambdaLR(pre_optimizer, lambda step: learning_rate_factor(
         step, cfg.pretrain_steps, min(cfg.warmup, cfg.pretrain_steps), cfg.final_lr_fraction))
     stage_steps = cfg.steps if schedule_steps is None else schedule_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
-        step, stage_steps, cfg.warmup, cfg.final_lr_fraction))
+    def factor(part: str):  # stage 1's factor for one part: the schedule, and the vision side's thaw
+        def of_step(step: int) -> float:
+            thawed = part == "vision" and cfg.freeze_vision_steps and step >= cfg.freeze_vision_steps
+            return learning_rate_factor(step, stage_steps, cfg.warmup, cfg.final_lr_fraction) * (
+                cfg.thawed_vision_lr / cfg.vision_lr if thawed else 1.0)
+        return of_step
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factor(g["part"]) for g in optimizer.param_groups])
     return (pre_optimizer, pre_scheduler), (optimizer, scheduler)
 
 
 def training_step(model, probe, processor, cfg: TrainConfig, step: int, optimizer, scheduler,
                   autocast: bool = True, segmenter=None) -> tuple:
     """One step of the stage `step` falls in (steps count across both stages), under bfloat16 autocast unless
-    `autocast` is False. Returns (loss, the probe's scores (stage 0; {} in stage 1), examples)."""
+    `autocast` is False. Returns (loss, the probe's scores (stage 0; {} in stage 1), examples). In stage 1's first
+    cfg.freeze_vision_steps steps the vision tower is frozen: it gets no gradient, so its optimizer leaves it be."""
+    frozen = step >= cfg.pretrain_steps and step - cfg.pretrain_steps < cfg.freeze_vision_steps
+    model.vision_tower.requires_grad_(not frozen)
     if step < cfg.pretrain_steps:  # stage 0: the vision tower and the probe, on what every patch shows
         pixel_values, targets = make_pretrain_batch(processor, cfg.seed, step, cfg.pretrain_batch_size,
                                                     model.config.vision.patch_size)
@@ -587,8 +630,9 @@ def save_checkpoint(path: Path, **state):
 IMAGE_SIZES = range(28, 295, 14)  # multiples of the patch size 14: 28 still holds three shapes apart; at 294 the
 # 441 image tokens, the longest prompt and a 56-token answer still fit the model's 512 positions
 WHOLE_NUMBERS = {"seed": 0, "pretrain_steps": 0, "pretrain_batch_size": 1, "steps": 0, "batch_size": 1, "warmup": 0,
+                 "freeze_vision_steps": 0,
                  "eval_every": 1, "eval_scenes": 1, "checkpoint_every": 1, "log_every": 1}  # the least of each
-RATES = ("pretrain_lr", "lr", "vision_lr", "clip")  # each a finite number > 0
+RATES = ("pretrain_lr", "lr", "vision_lr", "thawed_vision_lr", "clip")  # each a finite number > 0
 
 
 def flag(name: str) -> str:
@@ -676,7 +720,8 @@ def read_checkpoint(path: Path, cfg: TrainConfig) -> dict:
             from None
     if not (isinstance(state, dict) and {"step", "config", "elapsed"} <= set(state)):
         raise ValueError(f"{path} is not a checkpoint of nanopali.train: remove it, or start over with --no-resume")
-    saved, now = {"segment_share": 0.0, **state["config"]}, asdict(cfg)  # older checkpoints: no segment task
+    older = {"segment_share": 0.0, "freeze_vision_steps": 0, "thawed_vision_lr": cfg.thawed_vision_lr}
+    saved, now = {**older, **state["config"]}, asdict(cfg)  # older checkpoints: no segment task, no freeze
     differ = [f"{flag(k)} {now[k]} (the checkpoint's: {saved.get(k, 'none')}" +
               ("; it may grow, not shrink)" if k == "steps" else ")") for k in now
               if k not in FREE_ON_RESUME and now[k] != saved.get(k) and not (k == "steps" and now[k] > saved.get(k, 0))]

@@ -84,13 +84,14 @@ def test_int8_answers_the_same(capsys):
     assert main(["--image", SCENE, "--prompt", "caption en", "--int8"]) == 0
     out = capsys.readouterr().out
     assert "int8: the language model's weights quantized in" in out
-    assert "\na large purple triangle, a small green star and a small red circle\n" in out
+    assert "\na large purple triangle, a small red circle and a small green star\n" in out
 
 
 def test_the_shipped_model_warns_about_photos(capsys):
     assert main(["--image", str(REPO / "images" / "chelsea.png"), "--prompt", "caption en",
                  "--max-new-tokens", "2"]) == 0
-    assert "note: the shipped model has only ever seen 112 x 112 scenes" in capsys.readouterr().out
+    assert "note: the shipped model has only ever seen square scenes of coloured shapes, 84 to 224 pixels a side" \
+        in capsys.readouterr().out
 
 
 def test_the_loop_asks_until_an_empty_line(monkeypatch, capsys):
@@ -100,7 +101,7 @@ def test_the_loop_asks_until_an_empty_line(monkeypatch, capsys):
     assert main(["--image", SCENE, "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert asked == ["Ask anything: "] * 3
-    assert "a large purple triangle, a small green star and a small red circle\n" in out
+    assert "a large purple triangle, a small red circle and a small green star\n" in out
     assert "\n3\n" in out
 
 

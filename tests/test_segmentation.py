@@ -384,6 +384,22 @@ def test_the_command_line_draws_the_masks_of_a_segmentation_answer(tmp_path, cap
         assert png.format == "PNG" and png.size == (4 * image.width, 4 * image.height)
 
 
+@pytest.mark.parametrize("prompt", ["segment star", "segment triangle ; circle"])
+def test_the_shipped_model_segments_the_demo_scene(tmp_path, capsys, prompt, shipped_vae):
+    "The shipped model's masks of images/scene.png, drawn by the command line, cover the shapes (IoU > 0.6 each)."
+    out = tmp_path / "masks.png"
+    assert main(["--image", SCENE, "--prompt", prompt, "--masks", str(out), "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    answer = next(line for line in printed.splitlines() if "<seg" in line)
+    assert out.is_file()
+    _, objects, masks = make_scene(np.random.default_rng([2026, 945]), 112, with_masks=True)  # images/scene.png
+    truth = {o.shape: m > 0 for o, m in zip(objects, masks)}
+    segments, problems = parse_segments(answer, 112, 112, shipped_vae)
+    assert problems == [] and [s.label for s in segments] == prompt[len("segment "):].split(" ; ")
+    for s in segments:
+        assert mask_iou(s.mask, truth[s.label]) > 0.6, (s.label, mask_iou(s.mask, truth[s.label]))
+
+
 def test_masks_asked_of_an_answer_without_masks_say_so(tmp_path, capsys):
     out = tmp_path / "masks.png"
     assert main(["--image", SCENE, "--prompt", "caption en", "--masks", str(out)]) == 0

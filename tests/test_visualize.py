@@ -31,6 +31,11 @@ def scene():
     return make_scene(np.random.default_rng([2026, 945]), 112)  # images/scene.png
 
 
+def test_the_demo_scene_is_lesson_09s_scene_945(scene):
+    with Image.open(IMAGES / "scene.png") as png:
+        assert np.array_equal(np.asarray(png.convert("RGB")), np.asarray(scene[0]))
+
+
 # ---------------------------------------------------------------- boxes
 
 
