@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image", required=True, type=Path, metavar="PATH", help="the image: a jpg, png, ... file")
     parser.add_argument("--prompt", metavar="TEXT",
                         help="answer this prompt once and exit (default: ask 'Ask anything:' in a loop)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N",
-                        help="the longest answer, in tokens (default 32)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                        help="the longest answer, in tokens (default 64: a segment answer takes 21 per object)")
     parser.add_argument("--sample", action="store_true", help="sample the answer instead of greedy decoding")
     parser.add_argument("--temperature", type=float, help="with --sample: the temperature (default 1.0)")
     parser.add_argument("--top-k", type=int, metavar="K", help="with --sample: keep the K most likely tokens only")

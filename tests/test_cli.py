@@ -36,7 +36,7 @@ def test_a_question_answered_end_to_end_with_its_attention_map(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("device: cpu (float32, ")  # the shipped model: float32 unless asked otherwise
-    assert "loaded in" in lines[1] and "2,966,496 parameters" in lines[1]
+    assert "loaded in" in lines[1] and "2,967,456 parameters" in lines[1]
     assert lines[3] == "green"
     assert lines[4].startswith("  [2 tokens in ") and lines[4].endswith(" s]")
     assert f"attention map (4 layers x 4 heads, averaged): {out}" in result.stdout
@@ -48,7 +48,7 @@ def test_detection_draws_the_boxes(tmp_path, capsys):
     out = tmp_path / "boxes.png"
     assert main(["--image", SCENE, "--prompt", "detect star ; circle", "--boxes", str(out), "--dtype", "float32"]) == 0
     printed = capsys.readouterr().out
-    assert "<loc0027><loc0493><loc0247><loc0703> star ; <loc0521><loc0712><loc0795><loc0977> circle" in printed
+    assert "<loc0804><loc0612><loc0968><loc0776> star ; <loc0128><loc0365><loc0365><loc0603> circle" in printed
     assert "2 box(es) drawn" in printed
     assert_png(out)
     assert Image.open(out).size == (448, 448)
