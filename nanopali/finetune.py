@@ -197,13 +197,14 @@ def answer_loss(model, batch: dict) -> torch.Tensor:
     """Lesson 08's suffix_loss (each sequence's mean cross-entropy over its answer tokens, then the batch's mean), with
     the output head applied only at the positions that predict an answer token."""
     embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"])
-    hidden, _ = model.language_model.model(embeds, batch["attention_mask"], batch["token_type_ids"])  # (B, L, D)
+    hidden, _ = model.language_model.model(embeds, batch["attention_mask"], batch["token_type_ids"])  # (B, L, D);
+    # the second value would be the attention weights, None unless asked for
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     counted = targets != -100  # (B, L - 1)
     logits = model.language_model.logits(hidden[:, :-1][counted])  # (K, vocab): the K answer positions only
     per_token = F.cross_entropy(logits.float(), targets[counted], reduction="none")  # (K,)
-    row = counted.nonzero()[:, 0]  # the sequence each counted position belongs to
-    per_sequence = torch.zeros(len(targets), device=per_token.device).index_add(0, row, per_token)
+    row = counted.nonzero()[:, 0]  # (K,): the sequence each counted position belongs to
+    per_sequence = torch.zeros(len(targets), device=per_token.device).index_add(0, row, per_token)  # sums per row
     return (per_sequence / counted.sum(1).clamp(min=1)).mean()
 
 
@@ -215,6 +216,7 @@ def layers(model) -> list:
 def with_gradient_checkpointing(model) -> None:
     "Every layer keeps only its input and recomputes the rest in the backward pass (while gradients are on)."
     for layer in layers(model):
+        # _forward=layer.forward binds this layer's own forward now (a plain closure would see the loop's last layer)
         def recomputed(*args, _forward=layer.forward, **kwargs):
             if torch.is_grad_enabled():
                 return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
@@ -224,6 +226,7 @@ def with_gradient_checkpointing(model) -> None:
 
 
 def without_gradient_checkpointing(model) -> None:
+    "Undo with_gradient_checkpointing: without the instance's own forward, the class's is found again."
     for layer in layers(model):
         layer.__dict__.pop("forward", None)
 
@@ -252,7 +255,7 @@ class FinetuneConfig:
     steps: int = 100
     batch_size: int = 16  # examples per optimizer step
     accumulate: int = 1  # the batch goes through in this many pieces, gradients added up: less memory, same step
-    lr: float = 2e-3  # LoRA's A and B; full fine-tuning wants about ten times less
+    lr: float = 2e-3  # for LoRA's A and B; --train attention or all want about ten times less
     warmup: int = 10
     final_lr_fraction: float = 0.1  # cosine decay down to this fraction of lr
     weight_decay: float = 0.0
@@ -270,7 +273,7 @@ def batch_indices(num_examples: int, step: int, batch_size: int, seed: int = 0) 
     positions = range(step * batch_size, (step + 1) * batch_size)  # in the endless stream of examples
     orders = {}
     for epoch in {p // num_examples for p in positions}:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a prime: (seed, epoch) pairs stay apart
         orders[epoch] = torch.randperm(num_examples, generator=generator).tolist()
     return [orders[p // num_examples][p % num_examples] for p in positions]
 
