@@ -8,6 +8,7 @@ course's small model here in seconds, the real 3B on a GPU with the same command
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,17 +232,28 @@ def without_gradient_checkpointing(model) -> None:
         layer.__dict__.pop("forward", None)
 
 
-def backward_in_pieces(model, processor, examples: list, pieces: int = 1, autocast: bool = True) -> float:
+class AnswerLoss(nn.Module):
+    "answer_loss as a module around the model, forward(batch) -> loss (13.7's DistributedDataParallel wraps it)."
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return answer_loss(self.model, batch)
+
+
+def backward_in_pieces(loss_of: nn.Module, processor, examples: list, pieces: int = 1, autocast: bool = True) -> float:
     """Back-propagate the mean answer loss of the examples in `pieces` pieces, the gradients adding up in each
-    parameter's .grad; returns the loss."""
-    device = next(model.parameters()).device
+    parameter's .grad; returns the loss. loss_of: an AnswerLoss (or its DistributedDataParallel)."""
+    device = next(loss_of.parameters()).device
     size, total = math.ceil(len(examples) / pieces), 0.0
     for start in range(0, len(examples), size):
         piece = examples[start:start + size]
         batch = processor(load_images(piece), [e.prefix for e in piece], suffixes=[e.suffix for e in piece],
                           padding_side="right")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = answer_loss(model, {k: v.to(device) for k, v in batch.items()}) * len(piece) / len(examples)
+            loss = loss_of({k: v.to(device) for k, v in batch.items()}) * len(piece) / len(examples)
         loss.backward()
         total += loss.item()
     return total
@@ -278,9 +290,21 @@ def batch_indices(num_examples: int, step: int, batch_size: int, seed: int = 0) 
     return [orders[p // num_examples][p % num_examples] for p in positions]
 
 
+def process_group() -> tuple[int, int]:
+    "(rank, world size) of this process: (0, 1) unless torch.distributed was started (13.7)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bool = True) -> list[float]:
     """Fine-tune the model in place on the examples, cfg.steps steps; returns each step's loss. The model comes out
-    a plain PaliGemma (LoRA merged into its weights), in eval mode."""
+    a plain PaliGemma (LoRA merged into its weights), in eval mode. In a process group (13.7) each of the N processes
+    takes every N-th example of each batch, and DistributedDataParallel averages their gradients."""
+    rank, world = process_group()
+    if cfg.batch_size % (world * cfg.accumulate):
+        raise ValueError(f"--batch-size {cfg.batch_size} must split evenly into {world} process(es) x --accumulate "
+                         f"{cfg.accumulate} pieces")
     dtype = next(model.parameters()).dtype  # trained weights become float32 while training; back to this at the end
     choose_trainable(model, cfg.train, cfg.freeze_vision, cfg.rank, cfg.alpha, cfg.seed)
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -290,14 +314,22 @@ def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bo
     autocast = cfg.autocast or next(model.parameters()).dtype == torch.bfloat16
     if cfg.gradient_checkpointing:
         with_gradient_checkpointing(model)
+    loss_of = AnswerLoss(model)
+    if world > 1:
+        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of)
     model.train()
     losses = []
     try:
-        with tqdm(range(cfg.steps), disable=not progress, desc="fine-tuning", unit="step") as bar:
+        with tqdm(range(cfg.steps), disable=not progress or rank > 0, desc="fine-tuning", unit="step") as bar:
             for step in bar:
                 started = time.perf_counter()
                 batch = [examples[i] for i in batch_indices(len(examples), step, cfg.batch_size, cfg.seed)]
-                losses.append(backward_in_pieces(model, processor, batch, cfg.accumulate, autocast))
+                loss = backward_in_pieces(loss_of, processor, batch[rank::world], cfg.accumulate, autocast)
+                if world > 1:  # the whole batch's loss: the mean of the processes' (for the log only)
+                    loss = torch.tensor(loss)
+                    torch.distributed.all_reduce(loss)
+                    loss = loss.item() / world
+                losses.append(loss)
                 torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
                 optimizer.step()
                 scheduler.step()
@@ -349,6 +381,16 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--freeze-vision goes with --train all: with --train {cfg.train} SigLIP is frozen already")
 
 
+def join_process_group() -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE above 1): join the process group, NCCL on GPUs (one per process, by LOCAL_RANK),
+    gloo on CPUs. Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return process_group()
+
+
 def main(argv=None) -> int:
     import argparse
     import sys
@@ -381,33 +423,40 @@ def main(argv=None) -> int:
     overwrite, device, dtype = args.pop("overwrite"), args.pop("device"), args.pop("dtype")
     args["autocast"] = not args.pop("no_autocast")
     cfg = FinetuneConfig(**args)
+    rank = 0
     try:
         check_config(cfg)
         check_save_folder(out, overwrite)
+        rank, world = join_process_group()
         processor = PaliGemmaProcessor.from_folder(weights)
         positions = PaliGemmaConfig.from_dict(read_json(Path(weights) / "config.json")).text.max_position_embeddings
         train_examples = read_examples(data, processor, positions)
         val_examples = read_examples(val, processor, positions) if val else []
         device = torch.device(device) if device else None
         model, processor = load(weights, device=device, dtype=dtype or _default_dtype(device))
-        before = evaluate_examples(model, processor, val_examples) if val_examples else None
+        before = evaluate_examples(model, processor, val_examples) if val_examples and rank == 0 else None
         if before:
             print("before:", json.dumps(before))
         finetune(model, processor, train_examples, cfg)
-        after = evaluate_examples(model, processor, val_examples) if val_examples else None
-        if after:
-            print("after:", json.dumps(after))
-        save(model, processor, out, overwrite=overwrite)
-        (Path(out) / "finetune.json").write_text(json.dumps(
-            {"weights": str(weights), "data": str(data), "val": val, "config": asdict(cfg), "before": before,
-             "after": after}, indent=2))
+        if rank == 0:  # one process scores and saves: they all hold the same model
+            after = evaluate_examples(model, processor, val_examples) if val_examples else None
+            if after:
+                print("after:", json.dumps(after))
+            save(model, processor, out, overwrite=overwrite)
+            (Path(out) / "finetune.json").write_text(json.dumps(
+                {"weights": str(weights), "data": str(data), "val": val, "config": asdict(cfg), "before": before,
+                 "after": after, "processes": world}, indent=2))
     except (ValueError, OSError) as e:
         print(f"nanopali.finetune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("nanopali.finetune: interrupted; nothing was saved", file=sys.stderr)
         return 130
-    print(f"saved to {out}")
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(f"saved to {out}")
     return 0
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 import nanopali
 from nanopali.finetune import (
+    AnswerLoss,
     Example,
     FinetuneConfig,
     LoRALinear,
@@ -191,7 +192,7 @@ def test_accumulation_and_checkpointing_change_no_gradient(tmp_path):
         model.zero_grad()
         if checkpointing:
             with_gradient_checkpointing(model)
-        loss = backward_in_pieces(model, processor, examples, pieces, autocast=False)
+        loss = backward_in_pieces(AnswerLoss(model), processor, examples, pieces, autocast=False)
         without_gradient_checkpointing(model)
         return loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -323,3 +324,27 @@ def test_the_shipped_model_learns_a_new_question_and_keeps_its_old_ones(tmp_path
     after = evaluate(*nanopali.load(tmp_path / "model", dtype=torch.float32), num_scenes=100)
     assert sum(after.values()) >= 0.9 * sum(before.values()), (before, after)
     assert all(after[task] >= 0.85 * before[task] for task in before), (before, after)
+
+
+def test_two_processes_end_with_the_weights_of_one(tmp_path):
+    "torchrun, 2 CPU processes on gloo, each half of every batch: the same weights as one process (float32)."
+    path = write_data(tmp_path, 16)
+    common = ["-m", "nanopali.finetune", "--weights", str(SHIPPED), "--data", str(path), "--steps", "3",
+              "--batch-size", "8", "--accumulate", "2", "--no-autocast"]
+    one = run_python(*common, "--out", str(tmp_path / "one"))
+    two = run_python("-m", "torch.distributed.run", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"))
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
+    assert two.stdout.count("saved to") == 1  # one process saves
+    assert json.loads((tmp_path / "two" / "finetune.json").read_text())["processes"] == 2
+    a, b = (nanopali.load(tmp_path / name, dtype=torch.float32)[0].state_dict() for name in ("one", "two"))
+    start = nanopali.load(SHIPPED, dtype=torch.float32)[0].state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, monkeypatch):
+    model, processor = nanopali.load(SHIPPED, dtype=torch.float32)
+    examples = read_examples(write_data(tmp_path, 4))
+    monkeypatch.setattr("nanopali.finetune.process_group", lambda: (0, 3))
+    with pytest.raises(ValueError, match=r"--batch-size 8 must split evenly into 3 process\(es\) x --accumulate 1"):
+        finetune(model, processor, examples, FinetuneConfig(steps=1, batch_size=8), progress=False)
