@@ -6,6 +6,7 @@ lesson takes your images and answers, written in a simple file, and teaches them
 course's small model here in seconds, the real 3B on a GPU with the same command."""
 
 
+import copy
 import json
 import math
 import os
@@ -277,6 +278,7 @@ class FinetuneConfig:
     freeze_vision: bool = False  # with train="all": keep SigLIP as it is
     gradient_checkpointing: bool = False
     autocast: bool = True  # bfloat16 autocast (always on for a model loaded in bfloat16)
+    fsdp: bool = False  # under torchrun: shard the weights and optimizer states between the processes (13.7)
     seed: int = 0  # LoRA's starting A, and the order of the examples
 
 
@@ -300,24 +302,34 @@ def process_group() -> tuple[int, int]:
 def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bool = True) -> list[float]:
     """Fine-tune the model in place on the examples, cfg.steps steps; returns each step's loss. The model comes out
     a plain PaliGemma (LoRA merged into its weights), in eval mode. In a process group (13.7) each of the N processes
-    takes every N-th example of each batch, and DistributedDataParallel averages their gradients."""
+    takes every N-th example of each batch, and DistributedDataParallel averages their gradients; with cfg.fsdp
+    the weights are sharded instead (FSDP2's fully_shard), and only process 0's model comes back trained."""
     rank, world = process_group()
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model between processes: run under torchrun with 2 or more of them")
     if cfg.batch_size % (world * cfg.accumulate):
         raise ValueError(f"--batch-size {cfg.batch_size} must split evenly into {world} process(es) x --accumulate "
                          f"{cfg.accumulate} pieces")
     dtype = next(model.parameters()).dtype  # trained weights become float32 while training; back to this at the end
     choose_trainable(model, cfg.train, cfg.freeze_vision, cfg.rank, cfg.alpha, cfg.seed)
-    trained = [p for p in model.parameters() if p.requires_grad]
+    autocast = cfg.autocast or next(model.parameters()).dtype == torch.bfloat16
+    working = copy.deepcopy(model) if cfg.fsdp else model  # FSDP shards a copy; `model` gets its weights at the end
+    if cfg.gradient_checkpointing:
+        with_gradient_checkpointing(working)
+    loss_of = AnswerLoss(working)
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers(working):
+            fully_shard(layer)  # its weights split between the processes, gathered only while it computes
+        fully_shard(loss_of)  # the rest: embeddings, projector, norms
+    elif world > 1:
+        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of)
+    trained = [p for p in loss_of.parameters() if p.requires_grad]  # (FSDP's are shards)
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
         step, cfg.steps, min(cfg.warmup, cfg.steps), cfg.final_lr_fraction))
-    autocast = cfg.autocast or next(model.parameters()).dtype == torch.bfloat16
-    if cfg.gradient_checkpointing:
-        with_gradient_checkpointing(model)
-    loss_of = AnswerLoss(model)
-    if world > 1:
-        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of)
-    model.train()
+    working.train()
     losses = []
     try:
         with tqdm(range(cfg.steps), disable=not progress or rank > 0, desc="fine-tuning", unit="step") as bar:
@@ -336,8 +348,14 @@ def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bo
                 optimizer.zero_grad(set_to_none=True)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}",
                                 samples_per_s=f"{len(batch) / (time.perf_counter() - started):.1f}")
+        if cfg.fsdp:  # every process takes part in gathering the shards; process 0 receives the whole
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            whole = get_model_state_dict(loss_of, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if whole:
+                model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in whole.items()})
     finally:
-        without_gradient_checkpointing(model)
+        without_gradient_checkpointing(working)
         merge_lora(model)
         model.requires_grad_(False).to(dtype).eval()
     return losses

@@ -326,20 +326,41 @@ def test_the_shipped_model_learns_a_new_question_and_keeps_its_old_ones(tmp_path
     assert all(after[task] >= 0.85 * before[task] for task in before), (before, after)
 
 
-def test_two_processes_end_with_the_weights_of_one(tmp_path):
-    "torchrun, 2 CPU processes on gloo, each half of every batch: the same weights as one process (float32)."
+def two_runs(tmp_path, *options):
+    "The same 3 steps on one process and, under torchrun, on 2 CPU processes (gloo): both saved models' tensors."
     path = write_data(tmp_path, 16)
     common = ["-m", "nanopali.finetune", "--weights", str(SHIPPED), "--data", str(path), "--steps", "3",
-              "--batch-size", "8", "--accumulate", "2", "--no-autocast"]
-    one = run_python(*common, "--out", str(tmp_path / "one"))
+              "--batch-size", "8", "--accumulate", "2", "--no-autocast", *options]
+    one = run_python(*[o for o in common if o != "--fsdp"], "--out", str(tmp_path / "one"))
     two = run_python("-m", "torch.distributed.run", "--nproc_per_node=2", *common, "--out", str(tmp_path / "two"))
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-1500:], two.stderr[-1500:])
     assert two.stdout.count("saved to") == 1  # one process saves
     assert json.loads((tmp_path / "two" / "finetune.json").read_text())["processes"] == 2
     a, b = (nanopali.load(tmp_path / name, dtype=torch.float32)[0].state_dict() for name in ("one", "two"))
     start = nanopali.load(SHIPPED, dtype=torch.float32)[0].state_dict()
-    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # the steps moved the weights
+    return a, b
+
+
+@pytest.mark.parametrize("options", [[], ["--fsdp", "--gradient-checkpointing"]], ids=["ddp", "fsdp"])
+def test_two_processes_end_with_the_weights_of_one(tmp_path, options):
+    "Each process takes half of every batch: the same weights as one process (float32), with DDP or FSDP."
+    a, b = two_runs(tmp_path, *options)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_fsdp_training_everything_differs_only_where_adam_divides_noise_by_noise(tmp_path):
+    """--train all: SigLIP's key biases have a zero gradient in exact arithmetic (softmax ignores a shift shared by a
+    query's scores), so AdamW turns rounding noise into steps; everything else agrees."""
+    a, b = two_runs(tmp_path, "--fsdp", "--train", "all", "--lr", "2e-4")
+    assert max((a[k] - b[k]).abs().max().item() for k in a if not k.endswith("k_proj.bias")) < 1e-4
+
+
+def test_fsdp_without_a_process_group_is_refused(tmp_path, shipped):
+    model, processor = nanopali.load(SHIPPED, dtype=torch.float32)
+    examples = read_examples(write_data(tmp_path, 2))
+    with pytest.raises(ValueError, match="--fsdp shards the model between processes: run under torchrun"):
+        finetune(model, processor, examples, FinetuneConfig(steps=1, batch_size=2, fsdp=True), progress=False)
 
 
 def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, monkeypatch):
