@@ -279,6 +279,7 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False
     autocast: bool = True  # bfloat16 autocast (always on for a model loaded in bfloat16)
     fsdp: bool = False  # under torchrun: shard the weights and optimizer states between the processes (13.7)
+    checkpoint_every: int = 100  # steps between checkpoints, when finetune is given a checkpoint path (Appendix)
     seed: int = 0  # LoRA's starting A, and the order of the examples
 
 
@@ -299,11 +300,34 @@ def process_group() -> tuple[int, int]:
     return 0, 1
 
 
-def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bool = True) -> list[float]:
+def parallel(loss_of: "AnswerLoss", fsdp: bool, world: int) -> nn.Module:
+    "The AnswerLoss as the processes share it (13.7): alone, wrapped in DDP, or sharded by FSDP2 (in place)."
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in layers(loss_of.model):
+            fully_shard(layer)  # its weights split between the processes, gathered only while it computes
+        fully_shard(loss_of)  # the rest: embeddings, projector, norms
+        return loss_of
+    return torch.nn.parallel.DistributedDataParallel(loss_of) if world > 1 else loss_of
+
+
+def gather_shards(loss_of: nn.Module, model) -> None:
+    "FSDP's shards gathered into `model` on process 0 (every process must call it: they all take part)."
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    whole = get_model_state_dict(loss_of, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if whole:  # empty on the other processes
+        model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in whole.items()})
+
+
+def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bool = True,
+             checkpoint: Path | None = None) -> list[float]:
     """Fine-tune the model in place on the examples, cfg.steps steps; returns each step's loss. The model comes out
     a plain PaliGemma (LoRA merged into its weights), in eval mode. In a process group (13.7) each of the N processes
     takes every N-th example of each batch, and DistributedDataParallel averages their gradients; with cfg.fsdp
-    the weights are sharded instead (FSDP2's fully_shard), and only process 0's model comes back trained."""
+    the weights are sharded instead (FSDP2's fully_shard), and only process 0's model comes back trained. With a
+    checkpoint path (Appendix), the run resumes from it and writes it every cfg.checkpoint_every steps."""
     rank, world = process_group()
     if cfg.fsdp and world == 1:
         raise ValueError("--fsdp shards the model between processes: run under torchrun with 2 or more of them")
@@ -316,23 +340,16 @@ def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bo
     working = copy.deepcopy(model) if cfg.fsdp else model  # FSDP shards a copy; `model` gets its weights at the end
     if cfg.gradient_checkpointing:
         with_gradient_checkpointing(working)
-    loss_of = AnswerLoss(working)
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in layers(working):
-            fully_shard(layer)  # its weights split between the processes, gathered only while it computes
-        fully_shard(loss_of)  # the rest: embeddings, projector, norms
-    elif world > 1:
-        loss_of = torch.nn.parallel.DistributedDataParallel(loss_of)
+    loss_of = parallel(AnswerLoss(working), cfg.fsdp, world)
     trained = [p for p in loss_of.parameters() if p.requires_grad]  # (FSDP's are shards)
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
         step, cfg.steps, min(cfg.warmup, cfg.steps), cfg.final_lr_fraction))
+    start, losses = resume(checkpoint, cfg, working, optimizer, scheduler) if checkpoint else (0, [])
     working.train()
-    losses = []
     try:
-        with tqdm(range(cfg.steps), disable=not progress or rank > 0, desc="fine-tuning", unit="step") as bar:
+        with tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank > 0,
+                  desc="fine-tuning", unit="step") as bar:
             for step in bar:
                 started = time.perf_counter()
                 batch = [examples[i] for i in batch_indices(len(examples), step, cfg.batch_size, cfg.seed)]
@@ -346,14 +363,12 @@ def finetune(model, processor, examples: list, cfg: FinetuneConfig, progress: bo
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                if checkpoint and rank == 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                    write_checkpoint(checkpoint, step + 1, cfg, working, optimizer, scheduler, losses)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}",
                                 samples_per_s=f"{len(batch) / (time.perf_counter() - started):.1f}")
-        if cfg.fsdp:  # every process takes part in gathering the shards; process 0 receives the whole
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            whole = get_model_state_dict(loss_of, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if whole:
-                model.load_state_dict({name.removeprefix("model."): tensor for name, tensor in whole.items()})
+        if cfg.fsdp:
+            gather_shards(loss_of, model)
     finally:
         without_gradient_checkpointing(working)
         merge_lora(model)
@@ -381,7 +396,7 @@ def evaluate_examples(model, processor, examples: list, batch_size: int = 32) ->
 
 def check_config(cfg: FinetuneConfig) -> None:
     "Refuse settings that cannot train, naming the option."
-    for name in ("steps", "batch_size", "accumulate", "rank"):
+    for name in ("steps", "batch_size", "accumulate", "rank", "checkpoint_every"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a whole number of at least 1, not "
                              f"{getattr(cfg, name)}")
@@ -436,10 +451,12 @@ def main(argv=None) -> int:
             parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                                 choices=TRAIN_MODES if f.name == "train" else None, help="default: %(default)s")
     parser.add_argument("--no-autocast", action="store_true", help="train in the model's dtype, without autocast")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     args = vars(parser.parse_args(argv))
     weights, data, val, out = args.pop("weights"), args.pop("data"), args.pop("val"), args.pop("out")
     overwrite, device, dtype = args.pop("overwrite"), args.pop("device"), args.pop("dtype")
     args["autocast"] = not args.pop("no_autocast")
+    resuming = not args.pop("no_resume")
     cfg = FinetuneConfig(**args)
     rank = 0
     try:
@@ -455,7 +472,13 @@ def main(argv=None) -> int:
         before = evaluate_examples(model, processor, val_examples) if val_examples and rank == 0 else None
         if before:
             print("before:", json.dumps(before))
-        finetune(model, processor, train_examples, cfg)
+        checkpoint = None if cfg.fsdp else Path(out).with_name(Path(out).name + ".checkpoint.pt")
+        if checkpoint and not resuming:
+            if rank == 0:
+                checkpoint.unlink(missing_ok=True)
+            if world > 1:
+                torch.distributed.barrier()  # no process reads it before it is gone
+        finetune(model, processor, train_examples, cfg, checkpoint=checkpoint)
         if rank == 0:  # one process scores and saves: they all hold the same model
             after = evaluate_examples(model, processor, val_examples) if val_examples else None
             if after:
@@ -464,6 +487,8 @@ def main(argv=None) -> int:
             (Path(out) / "finetune.json").write_text(json.dumps(
                 {"weights": str(weights), "data": str(data), "val": val, "config": asdict(cfg), "before": before,
                  "after": after, "processes": world}, indent=2))
+            if checkpoint:
+                checkpoint.unlink(missing_ok=True)  # the run is done: its model is saved
     except (ValueError, OSError) as e:
         print(f"nanopali.finetune: error: {e}", file=sys.stderr)
         return 1
@@ -483,6 +508,48 @@ def _default_dtype(device) -> str:
     from nanopali.paligemma import pick_device
 
     return "float32" if pick_device(device).type == "cpu" else "bfloat16"
+
+
+RESUMABLE = {"steps", "checkpoint_every"}  # settings a resumed run may change; every other must be the same
+
+
+def write_checkpoint(path: Path, step: int, cfg: FinetuneConfig, model, optimizer, scheduler, losses: list):
+    "The run's state after `step` steps, written atomically (lesson 08's save_checkpoint)."
+    from dataclasses import asdict
+
+    from nanopali.train import save_checkpoint
+
+    trained = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    save_checkpoint(path, step=step, config=asdict(cfg), trained=trained, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), losses=losses)
+
+
+def resume(path: Path, cfg: FinetuneConfig, model, optimizer, scheduler) -> tuple[int, list]:
+    "(step, losses) to go on from: those of the checkpoint at path, its state loaded; (0, []) if there is none."
+    from dataclasses import asdict
+
+    if not Path(path).is_file():
+        return 0, []
+    try:
+        state = torch.load(path, weights_only=False)
+        saved = state["config"]
+    except Exception as e:
+        raise ValueError(f"{path} cannot be read as a fine-tuning checkpoint ({type(e).__name__}): remove it, or "
+                         "start over with --no-resume") from None
+    differ = [f"--{k.replace('_', '-')} {v} (the checkpoint's: {saved.get(k)})" for k, v in asdict(cfg).items()
+              if k not in RESUMABLE and saved.get(k) != v]
+    if differ:
+        raise ValueError(f"{path} was written with other settings: {', '.join(differ)}. Resume with the checkpoint's "
+                         "settings, or start over with --no-resume")
+    if state["step"] > cfg.steps:
+        raise ValueError(f"{path} is at step {state['step']}, past --steps {cfg.steps}: ask for at least as many")
+    trained = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in state["trained"].items():
+            trained[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], list(state["losses"])
 
 
 if __name__ == "__main__" and "get_ipython" not in globals():  # the command line, not a notebook kernel

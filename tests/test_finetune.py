@@ -369,3 +369,49 @@ def test_a_batch_that_does_not_split_evenly_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr("nanopali.finetune.process_group", lambda: (0, 3))
     with pytest.raises(ValueError, match=r"--batch-size 8 must split evenly into 3 process\(es\) x --accumulate 1"):
         finetune(model, processor, examples, FinetuneConfig(steps=1, batch_size=8), progress=False)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    processor = nanopali.load(SHIPPED)[1]
+    examples = read_examples(write_data(tmp_path, 8))
+    cfg = FinetuneConfig(steps=6, batch_size=4, checkpoint_every=2, autocast=False)
+    whole = fresh()
+    whole_losses = finetune(whole, processor, examples, cfg, progress=False)
+
+    checkpoint = tmp_path / "run.checkpoint.pt"
+    calls = {"n": 0}
+    real = nanopali.finetune.backward_in_pieces
+
+    def stop_at_the_fifth_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("nanopali.finetune.backward_in_pieces", stop_at_the_fifth_step)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(fresh(), processor, examples, cfg, progress=False, checkpoint=checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    monkeypatch.setattr("nanopali.finetune.backward_in_pieces", real)
+
+    resumed = fresh()
+    losses = finetune(resumed, processor, examples, cfg, progress=False, checkpoint=checkpoint)
+    assert losses == pytest.approx(whole_losses, rel=1e-5)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+    other = FinetuneConfig(steps=6, batch_size=4, checkpoint_every=2, autocast=False, lr=1e-3)
+    with pytest.raises(ValueError, match=r"other settings: --lr 0.001 \(the checkpoint's: 0.002\)"):
+        finetune(fresh(), processor, examples, other, progress=False, checkpoint=checkpoint)
+
+
+def test_the_command_line_deletes_its_checkpoint_once_the_model_is_saved(tmp_path):
+    path = write_data(tmp_path, 4)
+    out = tmp_path / "model"
+    run = run_python("-m", "nanopali.finetune", "--weights", str(SHIPPED), "--data", str(path), "--out", str(out),
+                     "--steps", "3", "--batch-size", "2", "--checkpoint-every", "1")
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "model.checkpoint.pt").exists()
