@@ -458,7 +458,7 @@ def main(argv=None) -> int:
     args["autocast"] = not args.pop("no_autocast")
     resuming = not args.pop("no_resume")
     cfg = FinetuneConfig(**args)
-    rank = 0
+    rank, checkpoint = 0, None
     try:
         check_config(cfg)
         check_save_folder(out, overwrite)
@@ -467,7 +467,6 @@ def main(argv=None) -> int:
         positions = PaliGemmaConfig.from_dict(read_json(Path(weights) / "config.json")).text.max_position_embeddings
         train_examples = read_examples(data, processor, positions)
         val_examples = read_examples(val, processor, positions) if val else []
-        device = torch.device(device) if device else None
         model, processor = load(weights, device=device, dtype=dtype or _default_dtype(device))
         before = evaluate_examples(model, processor, val_examples) if val_examples and rank == 0 else None
         if before:
@@ -493,7 +492,9 @@ def main(argv=None) -> int:
         print(f"nanopali.finetune: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("nanopali.finetune: interrupted; nothing was saved", file=sys.stderr)
+        kept = checkpoint is not None and checkpoint.is_file()
+        print("nanopali.finetune: interrupted; " + (f"the same command resumes from {checkpoint}" if kept else
+                                                   "nothing was saved"), file=sys.stderr)
         return 130
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

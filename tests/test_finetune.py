@@ -415,3 +415,10 @@ def test_the_command_line_deletes_its_checkpoint_once_the_model_is_saved(tmp_pat
                      "--steps", "3", "--batch-size", "2", "--checkpoint-every", "1")
     assert run.returncode == 0, run.stderr[-1500:]
     assert (out / "model.safetensors").is_file() and not (tmp_path / "model.checkpoint.pt").exists()
+
+
+def test_a_device_that_is_not_one_is_refused_in_one_line(tmp_path):
+    path = write_data(tmp_path, 2)
+    run = run_python("-m", "nanopali.finetune", "--weights", str(SHIPPED), "--data", str(path), "--out",
+                     str(tmp_path / "never"), "--device", "nonsense")
+    assert run.returncode == 1 and "is not a device name" in run.stderr and "Traceback" not in run.stderr
